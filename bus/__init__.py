@@ -1,0 +1,63 @@
+"""expbus.bus: typed events, the non-blocking bus, the journal, and the sink protocol.
+
+Imports msgspec, anyio and the standard library only: no torch, Lightning or backend client.
+"""
+
+from ._bus import Bus
+from ._codec import from_json, from_msgpack, resolve_event, resolve_value, to_builtins, to_json, to_msgpack
+from ._events import (
+    EVENT_TYPES,
+    SCHEMA_VERSION,
+    AnyEvent,
+    CheckpointRemoved,
+    CheckpointSaved,
+    Event,
+    Hyperparams,
+    Metrics,
+    RunFinished,
+    RunStarted,
+    Text,
+    Timing,
+    now,
+)
+from ._health import JournalHealth, SinkHealth, format_health
+from ._journal import JOURNAL_NAME, JournalReader, JournalWriter, journal_segments, read_journal
+from ._sink import POLICY_KEYS, Sink, SinkContext, SinkOpenError, SinkPolicy, TransientSinkError
+
+__all__ = [
+    "Bus",
+    "Event",
+    "AnyEvent",
+    "EVENT_TYPES",
+    "SCHEMA_VERSION",
+    "RunStarted",
+    "Hyperparams",
+    "Metrics",
+    "Text",
+    "CheckpointSaved",
+    "CheckpointRemoved",
+    "Timing",
+    "RunFinished",
+    "now",
+    "to_msgpack",
+    "from_msgpack",
+    "to_json",
+    "from_json",
+    "to_builtins",
+    "resolve_event",
+    "resolve_value",
+    "JournalReader",
+    "JournalWriter",
+    "read_journal",
+    "journal_segments",
+    "JOURNAL_NAME",
+    "Sink",
+    "SinkContext",
+    "SinkPolicy",
+    "SinkOpenError",
+    "TransientSinkError",
+    "POLICY_KEYS",
+    "SinkHealth",
+    "JournalHealth",
+    "format_health",
+]

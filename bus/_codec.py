@@ -1,0 +1,124 @@
+"""Encoding of events to msgpack and JSON, and resolution of not-yet-resolved values.
+
+JSON has no NaN or infinity. msgspec would write them as ``null`` (losing the value), so
+events holding a non-finite float are written with Python's ``json`` conventions
+(``NaN``, ``Infinity``, ``-Infinity``), the same as DLLogger, pandas and ``json.loads``
+accept. Every event therefore round-trips exactly through both formats.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import msgspec
+
+from ._events import AnyEvent, Event, Metrics, Timing
+
+__all__ = [
+    "resolve_value",
+    "resolve_event",
+    "to_msgpack",
+    "from_msgpack",
+    "to_json",
+    "from_json",
+    "to_builtins",
+]
+
+_msgpack_decoder = msgspec.msgpack.Decoder(AnyEvent)
+_json_decoder = msgspec.json.Decoder(AnyEvent)
+
+
+def resolve_value(value: Any) -> Any:
+    """Turn a tensor-like scalar (anything with ``item()``) into a Python number.
+
+    Called in the bus thread, never on the training thread. Plain numbers pass through.
+    """
+    if type(value) is float or type(value) is int:
+        return value
+    item = getattr(value, "item", None)
+    if item is not None:
+        value = item()
+    if isinstance(value, bool):
+        return float(value)
+    if isinstance(value, (int, float)):
+        return value
+    return float(value)
+
+
+def _needs_resolution(values: dict[str, Any]) -> bool:
+    for value in values.values():
+        if type(value) is not float and type(value) is not int:
+            return True
+    return False
+
+
+def resolve_event(event: Event) -> Event:
+    """Return the event with every metric/timing value resolved to a Python number."""
+    if type(event) is Metrics and _needs_resolution(event.values):
+        values = {k: resolve_value(v) for k, v in event.values.items()}
+        return msgspec.structs.replace(event, values=values)
+    if type(event) is Timing and _needs_resolution(event.durations):
+        durations = {k: resolve_value(v) for k, v in event.durations.items()}
+        return msgspec.structs.replace(event, durations=durations)
+    return event
+
+
+def _enc_hook(obj: Any) -> Any:
+    # Last resort for values msgspec does not know (tensors, numpy scalars, paths).
+    if hasattr(obj, "item"):
+        return resolve_value(obj)
+    if hasattr(obj, "__fspath__"):
+        return str(obj)
+    # Anything else (a class in hparams, say) is recorded by its text, never an error.
+    return str(obj)
+
+
+_msgpack_encoder = msgspec.msgpack.Encoder(enc_hook=_enc_hook)
+_json_encoder = msgspec.json.Encoder(enc_hook=_enc_hook)
+
+
+def to_msgpack(event: Event) -> bytes:
+    """Encode one event as msgpack (the journal's record payload)."""
+    return _msgpack_encoder.encode(event)
+
+
+def from_msgpack(data: bytes) -> Event:
+    """Decode one msgpack-encoded event."""
+    return _msgpack_decoder.decode(data)  # type: ignore[no-any-return]
+
+
+def _has_non_finite(event: Event) -> bool:
+    values: dict[str, Any] | None = None
+    if type(event) is Metrics:
+        values = event.values
+    elif type(event) is Timing:
+        values = event.durations
+    if values is None:
+        return False
+    for value in values.values():
+        if type(value) is float and not math.isfinite(value):
+            return True
+    return False
+
+
+def to_builtins(event: Event) -> dict[str, Any]:
+    """The event as a plain ``dict`` (with its ``kind`` tag), for sinks that format themselves."""
+    return msgspec.to_builtins(event, enc_hook=_enc_hook)  # type: ignore[no-any-return]
+
+
+def to_json(event: Event) -> bytes:
+    """Encode one event as a JSON object (one line, no trailing newline)."""
+    if _has_non_finite(event):
+        return json.dumps(to_builtins(event), separators=(",", ":")).encode()
+    return _json_encoder.encode(event)
+
+
+def from_json(data: bytes | str) -> Event:
+    """Decode one JSON object written by :func:`to_json`."""
+    try:
+        return _json_decoder.decode(data)  # type: ignore[no-any-return]
+    except msgspec.DecodeError:
+        # NaN / Infinity literals: valid for Python's json, not for msgspec's.
+        return msgspec.convert(json.loads(data), AnyEvent)  # type: ignore[arg-type]

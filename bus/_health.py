@@ -1,0 +1,63 @@
+"""Health counters of one sink, readable at any time."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+__all__ = ["SinkHealth", "JournalHealth", "format_health"]
+
+SinkState = Literal["starting", "open", "disabled", "closed", "failed_to_open"]
+
+
+class SinkHealth(msgspec.Struct, frozen=True, kw_only=True):
+    """A snapshot of one sink's delivery.
+
+    Attributes:
+        sink_id: the sink's id.
+        state: ``starting``, ``open``, ``disabled`` (too many failures, or hung),
+            ``closed`` or ``failed_to_open``.
+        delivered: events written successfully.
+        dropped: events dropped: queue full under ``drop_newest``, or left in the queue of a
+            disabled sink or at the close deadline.
+        failed: events in batches that failed for good (after retries).
+        errors: failed write/flush/close calls (each retry that fails counts).
+        retries: retries attempted.
+        queue_depth: events waiting in the sink's queue now.
+        lag_seconds: age of the oldest waiting event (0 when the queue is empty).
+        last_error: the last error's text, if any.
+    """
+
+    sink_id: str
+    state: SinkState
+    delivered: int
+    dropped: int
+    failed: int
+    errors: int
+    retries: int
+    queue_depth: int
+    lag_seconds: float
+    last_error: str | None = None
+
+
+class JournalHealth(msgspec.Struct, frozen=True, kw_only=True):
+    """A snapshot of the journal writer."""
+
+    path: str | None
+    records: int
+    bytes_written: int
+    errors: int
+    last_error: str | None = None
+
+
+def format_health(health: SinkHealth) -> str:
+    """One line for logs: ``tb: open delivered=120 dropped=0 ...``."""
+    line = (
+        f"{health.sink_id}: {health.state} delivered={health.delivered} dropped={health.dropped}"
+        f" failed={health.failed} errors={health.errors} retries={health.retries}"
+        f" queued={health.queue_depth} lag={health.lag_seconds:.2f}s"
+    )
+    if health.last_error:
+        line += f" last_error={health.last_error!r}"
+    return line

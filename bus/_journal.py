@@ -1,0 +1,264 @@
+"""The journal: an append-only msgpack record of every event published on a bus.
+
+File layout (one *segment*)::
+
+    frame  := MAGIC (2 bytes) | length (u32 LE) | crc32 of payload (u32 LE) | payload
+    file   := header frame | event frame*
+
+The header payload is a msgpack map ``{"format": "expbus-journal", "schema_version": N,
+"created": unix_seconds, "segment": k}``; each event payload is one msgpack-encoded event.
+
+Durability window: the bus hands every drained batch to the OS at once (a ``SIGKILL`` of
+the training process loses nothing the bus thread had drained, i.e. all but the last few
+milliseconds), and ``fsync`` runs at most every ``fsync_interval`` seconds (default 1 s),
+so a machine crash or power loss loses at most that window.
+
+The reader checks every frame's length and CRC. A torn tail (a crash mid-write) or a
+corrupted region is skipped by scanning for the next valid frame; the number of bytes
+skipped is reported. A writer reopening a journal whose tail is not clean starts a new
+segment (``journal-1.msgpack``, ...) rather than appending after garbage.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import time
+import zlib
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from ._codec import from_msgpack
+from ._events import SCHEMA_VERSION, Event
+
+__all__ = ["JournalWriter", "JournalReader", "read_journal", "journal_segments", "JOURNAL_NAME"]
+
+JOURNAL_NAME = "journal.msgpack"
+FORMAT_NAME = "expbus-journal"
+MAGIC = b"\xebJ"
+_HEAD = struct.Struct("<2sII")
+_HEAD_SIZE = _HEAD.size
+# A record larger than this is treated as corruption, not allocated.
+_MAX_RECORD = 256 * 1024 * 1024
+
+
+def _frame(payload: bytes) -> bytes:
+    return _HEAD.pack(MAGIC, len(payload), zlib.crc32(payload)) + payload
+
+
+def _segment_path(base: Path, index: int) -> Path:
+    if index == 0:
+        return base
+    return base.with_name(f"{base.stem}-{index}{base.suffix}")
+
+
+def journal_segments(path: str | os.PathLike[str]) -> list[Path]:
+    """The segment files of a journal, in order. ``path`` is the journal file or its run dir."""
+    base = Path(path)
+    if base.is_dir():
+        base = base / JOURNAL_NAME
+    segments = []
+    index = 0
+    # Segments are numbered densely; a gap ends the list.
+    while True:
+        candidate = _segment_path(base, index)
+        if not candidate.exists():
+            if index == 0:
+                index += 1
+                continue
+            break
+        segments.append(candidate)
+        index += 1
+    return segments
+
+
+class _Scan(msgspec.Struct):
+    """What a scan of one segment found."""
+
+    payloads: list[bytes]
+    skipped_bytes: int
+    clean_end: bool
+    header: dict[str, Any] | None
+
+
+def _scan(data: bytes) -> _Scan:
+    payloads: list[bytes] = []
+    skipped = 0
+    pos = 0
+    end = len(data)
+    header: dict[str, Any] | None = None
+    clean = True
+    while pos < end:
+        ok = False
+        if end - pos >= _HEAD_SIZE:
+            magic, length, crc = _HEAD.unpack_from(data, pos)
+            if magic == MAGIC and length <= _MAX_RECORD and pos + _HEAD_SIZE + length <= end:
+                payload = data[pos + _HEAD_SIZE : pos + _HEAD_SIZE + length]
+                if zlib.crc32(payload) == crc:
+                    ok = True
+                    if header is None and not payloads and pos == 0:
+                        try:
+                            decoded = msgspec.msgpack.decode(payload)
+                        except msgspec.DecodeError:
+                            decoded = None
+                        if isinstance(decoded, dict) and decoded.get("format") == FORMAT_NAME:
+                            header = decoded
+                        else:
+                            payloads.append(payload)
+                    else:
+                        payloads.append(payload)
+                    pos += _HEAD_SIZE + length
+        if not ok:
+            # Resynchronise on the next MAGIC that starts a valid frame.
+            clean = False
+            nxt = data.find(MAGIC, pos + 1)
+            if nxt < 0:
+                skipped += end - pos
+                break
+            skipped += nxt - pos
+            pos = nxt
+    return _Scan(payloads=payloads, skipped_bytes=skipped, clean_end=clean, header=header)
+
+
+class JournalReader:
+    """Iterates the events of a journal back, recovering from torn or corrupted regions.
+
+    After iteration, ``records`` counts the events read, ``skipped_bytes`` the bytes that
+    could not be read as frames, ``unknown`` the records of a kind this version does not
+    know (written by a newer expbus), and ``headers`` the segment headers.
+
+    Example:
+        >>> reader = JournalReader("nemo_experiments/default/version_0")
+        >>> for event in reader: ...
+        >>> reader.skipped_bytes
+        0
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.records = 0
+        self.skipped_bytes = 0
+        self.unknown = 0
+        self.headers: list[dict[str, Any]] = []
+
+    def __iter__(self) -> Iterator[Event]:
+        for segment in journal_segments(self.path):
+            scan = _scan(segment.read_bytes())
+            self.skipped_bytes += scan.skipped_bytes
+            if scan.header is not None:
+                self.headers.append(scan.header)
+            for payload in scan.payloads:
+                try:
+                    event = from_msgpack(payload)
+                except (msgspec.DecodeError, msgspec.ValidationError):
+                    self.unknown += 1
+                    continue
+                self.records += 1
+                yield event
+
+
+def read_journal(path: str | os.PathLike[str]) -> list[Event]:
+    """Every event of a journal (a file or a run directory), in publication order."""
+    return list(JournalReader(path))
+
+
+class JournalWriter:
+    """Appends encoded events to a journal file; used by the bus thread only.
+
+    Args:
+        path: the journal file (its directory is created).
+        fsync_interval: at most this many seconds between ``fsync`` calls; 0 fsyncs on
+            every commit.
+        file_mode: permission bits for a new file (owner read/write by default).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        fsync_interval: float = 1.0,
+        file_mode: int = 0o600,
+    ) -> None:
+        self.base = Path(path)
+        self.fsync_interval = fsync_interval
+        self.file_mode = file_mode
+        self.path = self.base
+        self.records = 0
+        self.bytes_written = 0
+        self._file: Any = None
+        self._last_sync = 0.0
+        self._dirty = False
+
+    def open(self) -> None:
+        """Open the journal for appending; start a new segment after an unclean tail."""
+        self.base.parent.mkdir(parents=True, exist_ok=True)
+        segments = journal_segments(self.base)
+        index = 0
+        append = False
+        if segments:
+            last = segments[-1]
+            index = _segment_index(self.base, last)
+            scan = _scan(last.read_bytes())
+            if scan.clean_end and scan.header is not None:
+                append = True
+            else:
+                index += 1
+        self.path = _segment_path(self.base, index)
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, self.file_mode)
+        self._file = os.fdopen(fd, "ab", buffering=1 << 16)
+        if not append:
+            header = {
+                "format": FORMAT_NAME,
+                "schema_version": SCHEMA_VERSION,
+                "created": time.time(),
+                "segment": index,
+            }
+            self._file.write(_frame(msgspec.msgpack.encode(header)))
+        self.sync()
+
+    def append(self, payloads: Iterable[bytes]) -> None:
+        """Write encoded events (buffered; call :meth:`commit` to hand them to the OS)."""
+        write = self._file.write
+        for payload in payloads:
+            frame = _frame(payload)
+            write(frame)
+            self.records += 1
+            self.bytes_written += len(frame)
+        self._dirty = True
+
+    def commit(self) -> None:
+        """Hand buffered records to the OS; fsync when the interval has passed."""
+        if self._file is None:
+            return
+        self._file.flush()
+        if self._dirty and time.monotonic() - self._last_sync >= self.fsync_interval:
+            self.sync()
+
+    def sync(self) -> None:
+        """Flush and fsync now."""
+        if self._file is None:
+            return
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._last_sync = time.monotonic()
+        self._dirty = False
+
+    def close(self) -> None:
+        """Sync and close; idempotent."""
+        if self._file is None:
+            return
+        try:
+            self.sync()
+        finally:
+            self._file.close()
+            self._file = None
+
+
+def _segment_index(base: Path, segment: Path) -> int:
+    if segment == base:
+        return 0
+    suffix = segment.stem[len(base.stem) + 1 :]
+    return int(suffix)

@@ -1,0 +1,390 @@
+"""One sink's worker: its bounded queue, batching, retries, failure isolation and health.
+
+Everything here runs in the bus's event loop, except a sync sink's calls, which run on a
+daemon thread owned by that sink alone (so a hung sink can never keep the process alive
+or block another sink).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import queue
+import random
+import threading
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+
+from ._events import Event
+from ._health import SinkHealth, SinkState
+from ._sink import SinkContext, SinkPolicy, TransientSinkError
+
+__all__ = ["SinkRunner", "Marker", "FlushRequest", "CloseRequest"]
+
+log = logging.getLogger("expbus.bus")
+
+
+class Marker:
+    """An in-band request that travels behind the events already queued."""
+
+    def __init__(self, expected_acks: int) -> None:
+        self.remaining = expected_acks
+        self.ok = True
+        self.done = threading.Event()
+        if expected_acks == 0:
+            self.done.set()
+
+    def ack(self, ok: bool) -> None:
+        """Called once per sink (in the loop thread) when the sink has reached the marker."""
+        self.ok = self.ok and ok
+        self.remaining -= 1
+        if self.remaining <= 0:
+            self.done.set()
+
+
+class FlushRequest(Marker):
+    """Deliver and flush everything queued before this marker."""
+
+
+class CloseRequest(Marker):
+    """Deliver, flush and close; the sink takes nothing after this."""
+
+
+class _SinkThread:
+    """A daemon thread that runs one sync sink's calls, in order."""
+
+    def __init__(self, name: str) -> None:
+        self._calls: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self._calls.get()
+            if item is None:
+                return
+            fn, args, loop, future = item
+            try:
+                result, error = fn(*args), None
+            except BaseException as exc:
+                result, error = None, exc
+            try:
+                loop.call_soon_threadsafe(_settle, future, result, error)
+            except RuntimeError:
+                pass  # the loop is gone (close deadline passed); nobody is waiting
+
+    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._calls.put((fn, args, loop, future))
+        return await future
+
+    def stop(self) -> None:
+        self._calls.put(None)
+
+
+def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.cancelled():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+def _default_is_transient(exc: BaseException) -> bool:
+    return isinstance(exc, (TransientSinkError, ConnectionError, TimeoutError))
+
+
+class _Hung(Exception):
+    """A sink call outlived its ``write_timeout``."""
+
+
+class SinkRunner:
+    """Owns one sink on a bus: queue, batching, delivery with retries, and counters."""
+
+    def __init__(self, sink_id: str, sink: Any, policy: SinkPolicy) -> None:
+        self.sink_id = sink_id
+        self.sink = sink
+        self.policy = policy
+        self.queue: deque[Event | Marker] = deque()
+        self.events_queued = 0
+        self.markers_queued = 0
+        self.state: SinkState = "starting"
+        self.delivered = 0
+        self.dropped = 0
+        self.failed = 0
+        self.errors = 0
+        self.retries = 0
+        self.last_error: str | None = None
+        self._reported = False
+        self._consecutive_failures = 0
+        self._in_flight = 0
+        self._first_arrival = 0.0
+        self._wake: anyio.Event | None = None
+        self._space: anyio.Event | None = None
+        self._thread: _SinkThread | None = None
+        custom = getattr(sink, "is_transient", None)
+        self._is_transient: Callable[[BaseException], bool] = (
+            custom if callable(custom) else _default_is_transient
+        )
+
+    # -- health -----------------------------------------------------------------------
+    def health(self) -> SinkHealth:
+        """A snapshot of this sink's counters (safe to call from any thread)."""
+        lag = 0.0
+        try:
+            head = self.queue[0]
+        except IndexError:
+            head = None
+        if isinstance(head, Event):
+            lag = max(0.0, time.time() - head.time)
+        return SinkHealth(
+            sink_id=self.sink_id,
+            state=self.state,
+            delivered=self.delivered,
+            dropped=self.dropped,
+            failed=self.failed,
+            errors=self.errors,
+            retries=self.retries,
+            queue_depth=self.events_queued,
+            lag_seconds=lag,
+            last_error=self.last_error,
+        )
+
+    # -- calling the sink -------------------------------------------------------------
+    async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        if inspect.iscoroutinefunction(fn):
+            return await fn(*args)
+        if self._thread is None:
+            self._thread = _SinkThread(f"expbus-sink-{self.sink_id}")
+        return await self._thread.call(fn, *args)
+
+    async def _call_bounded(self, fn: Callable[..., Any], *args: Any) -> Any:
+        with anyio.move_on_after(self.policy.write_timeout) as scope:
+            return await self._call(fn, *args)
+        if scope.cancelled_caught:
+            raise _Hung(f"{getattr(fn, '__name__', 'call')} did not return within "
+                        f"write_timeout={self.policy.write_timeout}s")
+        return None  # pragma: no cover - unreachable
+
+    def _report(self, what: str, exc: BaseException, detail: str = "") -> None:
+        self.errors += 1
+        self.last_error = f"{type(exc).__name__}: {exc}"
+        if not self._reported:
+            self._reported = True
+            tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+            log.error(
+                "expbus sink %r: %s failed%s (further errors are counted, summary at close)\n%s",
+                self.sink_id, what, detail, tb,
+            )
+
+    async def open(self, context: SinkContext) -> None:
+        """Open the sink (raises what the sink's ``open`` raises)."""
+        opener = getattr(self.sink, "open", None)
+        if opener is not None:
+            try:
+                params = inspect.signature(opener).parameters
+            except (TypeError, ValueError):
+                params = {}  # type: ignore[assignment]
+            if params:
+                await self._call(opener, context)
+            else:
+                await self._call(opener)
+        self.state = "open"
+
+    # -- the queue --------------------------------------------------------------------
+    def offer(self, event: Event) -> bool:
+        """Queue an event; False means "full, and the policy is to wait" (``block``)."""
+        if self.state != "open":
+            self.dropped += 1
+            return True
+        if self.events_queued >= self.policy.queue_size and event.droppable:
+            if self.policy.when_full == "drop_newest":
+                self.dropped += 1
+                return True
+            return False
+        if not self.queue:
+            self._first_arrival = time.monotonic()
+            self._notify()
+        self.queue.append(event)
+        self.events_queued += 1
+        if self.events_queued >= self.policy.batch_size:
+            self._notify()
+        return True
+
+    def offer_marker(self, marker: Marker) -> None:
+        """Queue a flush/close marker behind everything already queued."""
+        if self.state in ("closed", "failed_to_open"):
+            marker.ack(self.state == "closed")
+            return
+        self.queue.append(marker)
+        self.markers_queued += 1
+        self._notify()
+
+    def _notify(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
+    async def wait_for_space(self) -> None:
+        """Wait until the queue has room again (``block`` policy)."""
+        while self.state == "open" and self.events_queued >= self.policy.queue_size:
+            self._space = anyio.Event()
+            await self._space.wait()
+
+    def _batch_ready(self) -> bool:
+        return self.markers_queued > 0 or self.events_queued >= self.policy.batch_size
+
+    async def _wait(self) -> None:
+        while not self.queue:
+            self._wake = anyio.Event()
+            await self._wake.wait()
+        if self._batch_ready():
+            return
+        remaining = self._first_arrival + self.policy.batch_delay - time.monotonic()
+        with anyio.move_on_after(max(0.0, remaining)):
+            while not self._batch_ready():
+                self._wake = anyio.Event()
+                await self._wake.wait()
+
+    def _take_batch(self) -> list[Event]:
+        batch: list[Event] = []
+        limit = self.policy.batch_size
+        q = self.queue
+        while q and len(batch) < limit:
+            head = q[0]
+            if isinstance(head, Marker):
+                break
+            batch.append(q.popleft())  # type: ignore[arg-type]
+        self.events_queued -= len(batch)
+        if q:
+            self._first_arrival = time.monotonic()
+        if self._space is not None and self.events_queued < self.policy.queue_size:
+            self._space.set()
+        return batch
+
+    # -- delivery ---------------------------------------------------------------------
+    async def _deliver(self, batch: list[Event]) -> None:
+        attempt = 0
+        while True:
+            try:
+                await self._call_bounded(self.sink.write, batch)
+            except _Hung as exc:
+                self._report("write", exc)
+                self.failed += len(batch)
+                self._disable(f"hung: {exc}")
+                return
+            except Exception as exc:
+                self._report("write", exc, f" on a batch of {len(batch)} (first: {batch[0]!r:.200})")
+                if self._is_transient(exc) and attempt < self.policy.max_retries:
+                    delay = min(self.policy.retry_backoff * (2**attempt), self.policy.retry_backoff_max)
+                    delay *= random.uniform(0.5, 1.0)
+                    attempt += 1
+                    self.retries += 1
+                    await anyio.sleep(delay)
+                    continue
+                self.failed += len(batch)
+                self._consecutive_failures += 1
+                if self._consecutive_failures >= self.policy.max_consecutive_failures:
+                    self._disable(f"{self._consecutive_failures} failed batches in a row")
+                return
+            else:
+                self.delivered += len(batch)
+                self._consecutive_failures = 0
+                return
+
+    def _disable(self, why: str) -> None:
+        if self.state != "open":
+            return
+        self.state = "disabled"
+        log.error("expbus sink %r disabled (%s); its queued events are counted as dropped", self.sink_id, why)
+        self._drop_queued()
+
+    def _drop_queued(self) -> None:
+        kept: deque[Event | Marker] = deque()
+        for item in self.queue:
+            if isinstance(item, Marker):
+                kept.append(item)
+            else:
+                self.dropped += 1
+        self.queue = kept
+        self.events_queued = 0
+        if self._space is not None:
+            self._space.set()
+
+    async def _flush_sink(self) -> bool:
+        flusher = getattr(self.sink, "flush", None)
+        if flusher is None or self.state != "open":
+            return self.state == "open"
+        try:
+            await self._call_bounded(flusher)
+        except _Hung as exc:
+            self._report("flush", exc)
+            self._disable(f"hung in flush: {exc}")
+            return False
+        except Exception as exc:
+            self._report("flush", exc)
+            return False
+        return True
+
+    async def _close_sink(self) -> bool:
+        ok = True
+        if self.state == "open":
+            ok = await self._flush_sink()
+        closer = getattr(self.sink, "close", None)
+        if closer is not None and self.state in ("open", "disabled"):
+            try:
+                await self._call_bounded(closer)
+            except Exception as exc:
+                self._report("close", exc)
+                ok = False
+        if self.state == "open":
+            self.state = "closed"
+        if self._thread is not None:
+            self._thread.stop()
+        return ok
+
+    async def run(self) -> None:
+        """The worker loop: wait for a batch, deliver it, honour markers."""
+        while True:
+            await self._wait()
+            batch = self._take_batch()
+            if batch:
+                if self.state == "open":
+                    self._in_flight = len(batch)
+                    await self._deliver(batch)
+                    self._in_flight = 0
+                else:
+                    self.dropped += len(batch)
+            if self.queue and isinstance(self.queue[0], Marker):
+                marker = self.queue.popleft()
+                self.markers_queued -= 1
+                assert isinstance(marker, Marker)
+                if isinstance(marker, CloseRequest):
+                    ok = await self._close_sink()
+                    marker.ack(ok)
+                    # Whatever arrives after the close is not ours to deliver.
+                    self._drop_queued()
+                    return
+                marker.ack(await self._flush_sink())
+
+    def abandon(self) -> None:
+        """At the close deadline: count what is still queued as dropped."""
+        for item in self.queue:
+            if isinstance(item, Event):
+                self.dropped += 1
+        # A batch still inside a hung write was not delivered either.
+        self.dropped += self._in_flight
+        self._in_flight = 0
+        self.queue.clear()
+        self.events_queued = 0
+        if self.state == "open":
+            self.state = "closed"
+        if self._thread is not None:
+            self._thread.stop()

@@ -1,0 +1,40 @@
+"""expbus.sinks: the sink protocol, the registry, the YAML configuration and the built-in sinks.
+
+A sink needs only ``write(batch)``; see :class:`expbus.bus.Sink`. Sinks are found by a
+registered name (entry-point group ``expbus.sinks``) or an import path
+``package.module:Class`` in the ``type:`` key of their YAML block.
+"""
+
+from expbus.bus import Sink, SinkContext, SinkOpenError, SinkPolicy, TransientSinkError
+
+from ._config import BusConfig, ExpbusConfig, JournalConfig, build_bus, load_config, resolve_run_dir
+from ._errors import ConfigError
+from ._registry import (
+    ENTRY_POINT_GROUP,
+    RESERVED_KEYS,
+    available_sinks,
+    create_sink,
+    resolve_sink_class,
+    validate_sink_options,
+)
+
+__all__ = [
+    "Sink",
+    "SinkContext",
+    "SinkPolicy",
+    "SinkOpenError",
+    "TransientSinkError",
+    "ConfigError",
+    "ExpbusConfig",
+    "JournalConfig",
+    "BusConfig",
+    "load_config",
+    "build_bus",
+    "resolve_run_dir",
+    "ENTRY_POINT_GROUP",
+    "RESERVED_KEYS",
+    "available_sinks",
+    "create_sink",
+    "resolve_sink_class",
+    "validate_sink_options",
+]

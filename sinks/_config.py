@@ -1,0 +1,226 @@
+"""The expbus YAML configuration: loaded with OmegaConf, validated with msgspec in two stages.
+
+Stage 1 checks the structure (``ExpbusConfig``); stage 2 checks each sink's own options
+against its constructor. Either stage fails with one :class:`ConfigError` naming the key
+path, the bad value and the close match::
+
+    sinks.tb.flush_sec: unknown key; did you mean flush_secs? (valid: ...)
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from expbus.bus import Bus, Sink, SinkPolicy
+
+from ._errors import ConfigError, unknown_key_error
+from ._registry import create_sink, validate_sink_options
+
+__all__ = [
+    "ExpbusConfig",
+    "JournalConfig",
+    "BusConfig",
+    "load_config",
+    "build_bus",
+    "resolve_run_dir",
+]
+
+
+class JournalConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """``journal:``: the msgpack record of every event in the run directory.
+
+    Attributes:
+        enabled: write the journal.
+        fsync_interval: at most this many seconds between fsyncs (the power-loss window).
+        name: file name inside the run directory.
+    """
+
+    enabled: bool = True
+    fsync_interval: float = 1.0
+    name: str = "journal.msgpack"
+
+
+class BusConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """``bus:``: timing of the bus thread.
+
+    Attributes:
+        poll_interval: how often the bus thread drains published events (seconds).
+        flush_timeout: deadline of a flush requested by the bridge.
+        close_timeout: deadline of closing every sink at the end of a run.
+        open_timeout: deadline for every sink's ``open``.
+    """
+
+    poll_interval: float = 0.005
+    flush_timeout: float = 10.0
+    close_timeout: float = 30.0
+    open_timeout: float = 120.0
+
+
+class ExpbusConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """The whole configuration.
+
+    Attributes:
+        exp_dir: root of experiments (NeMo's default ``./nemo_experiments``).
+        name: experiment name, a folder under ``exp_dir``.
+        version: run folder under the name; ``None`` = the start time
+            (``%Y-%m-%d_%H-%M-%S``).
+        run_dir: the run directory verbatim (overrides ``exp_dir/name/version``).
+        journal: see :class:`JournalConfig`.
+        bus: see :class:`BusConfig`.
+        sinks: sink id -> ``{type: ..., <policy keys>, <sink options>}``.
+    """
+
+    exp_dir: str = "./nemo_experiments"
+    name: str = "default"
+    version: str | None = None
+    run_dir: str | None = None
+    journal: JournalConfig = msgspec.field(default_factory=JournalConfig)
+    bus: BusConfig = msgspec.field(default_factory=BusConfig)
+    sinks: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
+
+
+_UNKNOWN = re.compile(r"Object contains unknown field `(?P<key>[^`]*)`")
+
+
+def _to_plain(source: Any) -> Any:
+    """A plain dict from a path, a DictConfig or a mapping (interpolations resolved)."""
+    try:
+        from omegaconf import DictConfig, OmegaConf
+    except ImportError:  # pragma: no cover - omegaconf is a dependency
+        DictConfig = ()  # type: ignore[assignment,misc]
+        OmegaConf = None  # type: ignore[assignment]
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist", value=str(path))
+        assert OmegaConf is not None
+        try:
+            loaded = OmegaConf.load(path)
+        except Exception as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}", value=str(path)) from None
+        source = loaded
+    if DictConfig and isinstance(source, DictConfig):
+        assert OmegaConf is not None
+        try:
+            return OmegaConf.to_container(source, resolve=True)
+        except Exception as exc:
+            raise ConfigError(f"config: cannot resolve: {exc}") from None
+    if isinstance(source, Mapping):
+        return dict(source)
+    raise ConfigError(f"config: expected a mapping, a YAML path or a DictConfig, got {type(source).__name__}",
+                      value=source)
+
+
+def _lookup(data: Any, dotted: str) -> Any:
+    for part in [p for p in dotted.split(".") if p]:
+        if isinstance(data, Mapping) and part in data:
+            data = data[part]
+        else:
+            return None
+    return data
+
+
+def _structure_error(exc: msgspec.ValidationError, data: Any) -> ConfigError:
+    text = str(exc)
+    detail, _, where = text.partition(" - at `$")
+    where = where.rstrip("`").lstrip(".").replace("[", ".").replace("]", "").replace("'", "").replace('"', "")
+    unknown = _UNKNOWN.match(detail)
+    if unknown:
+        key = unknown.group("key")
+        parent = _lookup(data, where)
+        model: Any = ExpbusConfig
+        for part in [p for p in where.split(".") if p]:
+            field_type = model.__annotations__.get(part) if hasattr(model, "__annotations__") else None
+            model = {"journal": JournalConfig, "bus": BusConfig}.get(part, field_type)
+        valid = model.__struct_fields__ if hasattr(model, "__struct_fields__") else (parent or {})
+        return unknown_key_error(where, key, valid)
+    value = _lookup(data, where)
+    return ConfigError(f"{where or 'config'}: {detail} (got {value!r})", path=where, value=value)
+
+
+def load_config(source: Any = None) -> ExpbusConfig:
+    """Load and validate a configuration.
+
+    Args:
+        source: a YAML file path, an OmegaConf ``DictConfig``, a mapping, an
+            :class:`ExpbusConfig` or ``None`` (the defaults). A mapping with a top-level
+            ``expbus:`` key uses that block.
+
+    Raises:
+        ConfigError: naming the key path, the value and the close match.
+    """
+    if source is None:
+        return ExpbusConfig()
+    if isinstance(source, ExpbusConfig):
+        config = source
+        data = msgspec.to_builtins(source)
+    else:
+        data = _to_plain(source)
+        if isinstance(data, Mapping) and "expbus" in data and isinstance(data["expbus"], Mapping):
+            data = dict(data["expbus"])
+        try:
+            config = msgspec.convert(data, ExpbusConfig, strict=False)
+        except msgspec.ValidationError as exc:
+            raise _structure_error(exc, data) from None
+    for sink_id, spec in config.sinks.items():
+        if spec.get("enabled", True) is False:
+            continue
+        validate_sink_options(sink_id, spec)
+    return config
+
+
+def resolve_run_dir(config: ExpbusConfig, *, when: _dt.datetime | None = None) -> Path:
+    """``run_dir`` verbatim, else ``exp_dir/name/version`` (version: the start time)."""
+    if config.run_dir:
+        return Path(config.run_dir)
+    version = config.version or (when or _dt.datetime.now()).strftime("%Y-%m-%d_%H-%M-%S")
+    name = config.name or "default"
+    for label, part in (("name", name), ("version", version)):
+        if Path(part).is_absolute() or ".." in Path(part).parts:
+            raise ConfigError(f"{label}: {part!r} would leave exp_dir; use a plain folder name",
+                              path=label, value=part)
+    return Path(config.exp_dir or ".") / name / version
+
+
+def build_bus(
+    config: ExpbusConfig,
+    *,
+    run_dir: str | os.PathLike[str],
+    run_id: str | None = None,
+    global_rank: int = 0,
+    world_size: int = 1,
+    extra_sinks: Mapping[str, Sink] | None = None,
+) -> Bus:
+    """A (not yet opened) bus with every enabled sink of ``config`` plus ``extra_sinks``.
+
+    Active :func:`expbus.sinks.testing.capture_events` blocks add their memory sink.
+    """
+    bus = Bus(
+        run_dir,
+        run_id=run_id,
+        journal=config.journal.enabled,
+        journal_name=config.journal.name,
+        fsync_interval=config.journal.fsync_interval,
+        poll_interval=config.bus.poll_interval,
+        open_timeout=config.bus.open_timeout,
+        global_rank=global_rank,
+        world_size=world_size,
+    )
+    for sink_id, spec in config.sinks.items():
+        if spec.get("enabled", True) is False:
+            continue
+        sink, policy = create_sink(sink_id, spec)
+        bus.add_sink(sink_id, sink, policy)
+    for sink_id, sink in (extra_sinks or {}).items():
+        bus.add_sink(sink_id, sink)
+    from .testing import active_captures
+
+    for index, capture in enumerate(active_captures()):
+        bus.add_sink(f"_capture{index}", capture, SinkPolicy(when_full="block", batch_delay=0.05))
+    return bus
