@@ -83,7 +83,7 @@ def resolve_sink_class(type_name: str, *, path: str = "type") -> Callable[..., S
         return next(
             ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name == type_name
         ).load()  # type: ignore[no-any-return]
-    except ImportError as exc:
+    except (ImportError, AttributeError) as exc:
         raise ConfigError(f"{path}: sink type {type_name!r} cannot be loaded: {exc}", path=path,
                           value=type_name) from exc
 
