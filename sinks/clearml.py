@@ -1,0 +1,1 @@
+"""The clearml sink (being written)."""

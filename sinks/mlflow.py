@@ -1,0 +1,1 @@
+"""The mlflow sink (being written)."""

@@ -1,0 +1,1 @@
+"""The neptune sink (being written)."""

@@ -1,0 +1,1 @@
+"""The tensorboard sink (being written)."""

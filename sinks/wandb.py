@@ -1,0 +1,1 @@
+"""The wandb sink (being written)."""
