@@ -184,7 +184,7 @@ class Bus:
             if isinstance(exc, TimeoutError):
                 raise SinkOpenError("?", f"sinks did not open within {self.open_timeout}s") from None
             raise
-        self.publish = self._ingress.append  # type: ignore[method-assign]
+        self.publish = self._ingress.append  # type: ignore[method-assign,assignment]
         os.register_at_fork(after_in_child=lambda ref=weakref.ref(self): _disable_in_child(ref))
         return self
 

@@ -14,7 +14,7 @@ Schema evolution rules (the tag, not the class path, is the wire contract):
 from __future__ import annotations
 
 import time as _time
-from typing import Any, ClassVar, Literal, Union
+from typing import Any, ClassVar, Literal
 
 import msgspec
 
@@ -140,16 +140,9 @@ class RunFinished(Event, frozen=True, kw_only=True, tag="run_finished"):
     step: int | None = None
 
 
-AnyEvent = Union[
-    RunStarted,
-    Hyperparams,
-    Metrics,
-    Text,
-    CheckpointSaved,
-    CheckpointRemoved,
-    Timing,
-    RunFinished,
-]
+AnyEvent = (
+    RunStarted | Hyperparams | Metrics | Text | CheckpointSaved | CheckpointRemoved | Timing | RunFinished
+)
 
 EVENT_TYPES: tuple[type[Event], ...] = (
     RunStarted,

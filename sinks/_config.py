@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+
 from expbus.bus import Bus, Sink, SinkPolicy
 
 from ._errors import ConfigError, unknown_key_error
@@ -90,23 +91,18 @@ _UNKNOWN = re.compile(r"Object contains unknown field `(?P<key>[^`]*)`")
 
 def _to_plain(source: Any) -> Any:
     """A plain dict from a path, a DictConfig or a mapping (interpolations resolved)."""
-    try:
-        from omegaconf import DictConfig, OmegaConf
-    except ImportError:  # pragma: no cover - omegaconf is a dependency
-        DictConfig = ()  # type: ignore[assignment,misc]
-        OmegaConf = None  # type: ignore[assignment]
+    from omegaconf import DictConfig, OmegaConf
+
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist", value=str(path))
-        assert OmegaConf is not None
         try:
             loaded = OmegaConf.load(path)
         except Exception as exc:
             raise ConfigError(f"{path}: not valid YAML: {exc}", value=str(path)) from None
         source = loaded
-    if DictConfig and isinstance(source, DictConfig):
-        assert OmegaConf is not None
+    if isinstance(source, DictConfig):
         try:
             return OmegaConf.to_container(source, resolve=True)
         except Exception as exc:

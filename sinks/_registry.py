@@ -11,6 +11,7 @@ from importlib.metadata import entry_points
 from typing import Any
 
 import msgspec
+
 from expbus.bus import POLICY_KEYS, Sink, SinkPolicy
 
 from ._errors import ConfigError, close_match, unknown_key_error
@@ -120,7 +121,9 @@ def _msgspec_path(exc: msgspec.ValidationError, base: str) -> tuple[str, str]:
     return base + suffix, detail
 
 
-def validate_sink_options(sink_id: str, spec: Mapping[str, Any]) -> tuple[Callable[..., Sink], dict[str, Any], SinkPolicy]:
+def validate_sink_options(
+    sink_id: str, spec: Mapping[str, Any]
+) -> tuple[Callable[..., Sink], dict[str, Any], SinkPolicy]:
     """Check one sink's YAML block; return (factory, constructor kwargs, policy).
 
     Raises:

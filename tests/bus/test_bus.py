@@ -374,7 +374,7 @@ def test_open_failure_names_the_sink_and_closes_the_others(run_dir: Path) -> Non
 
     good = MemorySink()
     bus = Bus(run_dir, sinks={"good": good, "broken": Broken()})
-    with pytest.raises(SinkOpenError, match="'broken'.*PermissionError.*read-only"):
+    with pytest.raises(SinkOpenError, match=r"'broken'.*PermissionError.*read-only"):
         bus.open()
     assert good.closed
     bus.publish(metrics(0))  # still a no-op, never raises
