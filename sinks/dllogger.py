@@ -1,0 +1,200 @@
+"""The ``dllogger`` sink: NVIDIA DLLogger's ``DLLL {...}`` JSON-lines file, written as NeMo's ``DLLogger`` writes it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from argparse import Namespace
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, is_dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import IO, Any
+
+from expbus.bus import Event, Hyperparams, Metrics, SinkContext, Timing
+
+__all__ = ["DLLoggerSink"]
+
+log = logging.getLogger("expbus.sinks.dllogger")
+
+# dllogger.Verbosity: a line is written when the backend's verbosity >= the line's.
+_DEFAULT = 0
+_VERBOSE = 1
+
+# The step NeMo's ``DLLogger.log_hyperparams`` logs hyperparameters under.
+PARAMETER_STEP = "PARAMETER"
+
+Step = int | str | tuple[int, ...]
+
+
+class DLLoggerSink:
+    """Writes metrics and hyperparameters in DLLogger's format, as NeMo's ``DLLogger`` logs them.
+
+    The file is byte-compatible with ``dllogger.JSONStreamBackend``: one
+    ``DLLL {"timestamp": ..., "datetime": ..., "elapsedtime": ..., "type": "LOG", "step": ..., "data": {...}}``
+    line per call, encoded by Python's ``json`` (so NaN and infinities are written ``NaN``,
+    ``Infinity``, ``-Infinity``). Mapping (NeMo's): a ``Hyperparams`` event is one line with
+    ``step: "PARAMETER"`` and the parameters flattened with ``/``; a ``Metrics`` event is one
+    line with its integer step and its values, plus ``epoch`` when the event has one (as
+    Lightning's logger connector adds it before ``log_metrics``). The timestamp of a line is the time of
+    its event; ``elapsedtime`` counts from when the sink opened (DLLogger counts from its
+    ``init``, which NeMo's ``exp_manager`` calls before training).
+
+    Args:
+        json_file: the DLLogger file; relative paths are inside the run directory. Empty or
+            ``None`` writes no file (NeMo's ``DLLoggerParams.json_file``).
+        stdout: also print every line to stdout as ``dllogger.StdOutBackend`` formats it
+            (``DLL <datetime> - <step> <name> : <value> ...``).
+        verbose: DLLogger's ``Verbosity.VERBOSE`` instead of ``DEFAULT``. Everything NeMo logs
+            is at ``DEFAULT`` verbosity, so this adds only the VERBOSE-level lines: one per
+            ``Timing`` event (its durations at its step).
+        append: continue an existing file (resumed runs) instead of truncating it.
+    """
+
+    def __init__(
+        self,
+        json_file: str | None = "./dllogger.json",
+        stdout: bool = False,
+        verbose: bool = False,
+        append: bool = True,
+    ) -> None:
+        self.json_file = json_file
+        self.stdout = stdout
+        self.verbose = verbose
+        self.append = append
+        self.path: Path | None = None
+        self._file: IO[str] | None = None
+        self._verbosity = _VERBOSE if verbose else _DEFAULT
+        # Unix-seconds clock read once at open (DLLogger's start time); replaceable in tests.
+        self._clock: Callable[[], float] = time.time
+        self._opened_at: datetime | None = None
+        self._start: datetime | None = None
+
+    def open(self, context: SinkContext) -> None:
+        """Open the file inside the run directory and start the elapsed-time clock."""
+        # DLLogger keeps naive local datetimes (``datetime.now()``); so do we, so that the
+        # timestamp, datetime and elapsed-time strings come out exactly as DLLogger's.
+        self._opened_at = datetime.fromtimestamp(self._clock())
+        self._start = None
+        if self.json_file:
+            self.path = context.resolve(self.json_file)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # Text mode with the platform's newline, as JSONStreamBackend opens it; the
+            # lines are ASCII (json.dumps escapes the rest) so the encoding never shows.
+            self._file = open(self.path, "a" if self.append else "w", encoding="utf-8")
+        elif not self.stdout:
+            log.warning("dllogger sink %r: neither json_file nor stdout is set; it will log nothing",
+                        context.sink_id)
+
+    def write(self, batch: Sequence[Event]) -> None:
+        """Write one DLLogger line per ``Metrics`` and ``Hyperparams`` event (and ``Timing`` when verbose)."""
+        for event in batch:
+            if isinstance(event, Metrics):
+                self._log(event.time, event.step, _metrics_data(event), _DEFAULT)
+            elif isinstance(event, Hyperparams):
+                self._log(event.time, PARAMETER_STEP, _flatten_dict(event.params), _DEFAULT)
+            elif isinstance(event, Timing):
+                self._log(event.time, event.step, dict(event.durations), _VERBOSE)
+
+    def flush(self) -> None:
+        """Hand the lines to the OS (and flush stdout when printing)."""
+        if self._file is not None:
+            self._file.flush()
+        if self.stdout:
+            sys.stdout.flush()
+
+    def close(self) -> None:
+        """Close the file."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def _log(self, when: float, step: Step, data: dict[str, Any], verbosity: int) -> None:
+        # dllogger.Logger.log: backends whose verbosity is below the line's skip it.
+        if self._verbosity < verbosity:
+            return
+        timestamp = datetime.fromtimestamp(when)
+        if self._start is None:
+            assert self._opened_at is not None, "DLLoggerSink.write before open"
+            # Events replayed from a journal may predate the open: never a negative elapsed time.
+            self._start = min(self._opened_at, timestamp)
+        elapsedtime = (timestamp - self._start).total_seconds()
+        if self._file is not None:
+            self._file.write(_json_line(timestamp, elapsedtime, step, data))
+        if self.stdout:
+            # One write per line (print() writes the newline separately), so that lines
+            # from this worker thread do not interleave with other output mid-line.
+            sys.stdout.write(_stdout_line(timestamp, step, data) + "\n")
+
+
+def _json_line(timestamp: datetime, elapsedtime: float, step: Step, data: Mapping[str, Any]) -> str:
+    """One ``JSONStreamBackend.log`` line: same keys, order, string conversions and json.dumps."""
+    return "DLLL {}\n".format(
+        json.dumps(
+            dict(
+                timestamp=str(timestamp.timestamp()),
+                datetime=str(timestamp.astimezone()),
+                elapsedtime=str(elapsedtime),
+                type="LOG",
+                step=step,
+                data=data,
+            ),
+            # Only reached by values json cannot encode, where dllogger would raise.
+            default=_json_default,
+        )
+    )
+
+
+def _stdout_line(timestamp: datetime, step: Step, data: Mapping[str, Any]) -> str:
+    """One ``StdOutBackend.log`` line (default step, metric and prefix formats, no metadata)."""
+    # default_metric_format with empty metadata is "{} : {} {}".format(name, value, unit="");
+    # default_prefix_format is "DLL {} - ".format(timestamp); default_step_format is str(step).
+    metrics = " ".join(f"{name} : {value} " for name, value in data.items())
+    return f"DLL {timestamp} - {step} {metrics}"
+
+
+def _metrics_data(event: Metrics) -> dict[str, Any]:
+    data: dict[str, Any] = dict(event.values)
+    if event.epoch is not None:
+        # Lightning's logger connector does ``metrics.setdefault("epoch", current_epoch)``
+        # before every ``log_metrics``: an int, after the metric values.
+        data.setdefault("epoch", event.epoch)
+    return data
+
+
+def _flatten_dict(params: Mapping[Any, Any], delimiter: str = "/", parent_key: str = "") -> dict[str, Any]:
+    """Lightning's ``_flatten_dict`` (what NeMo's ``log_hyperparams`` applies), rule for rule.
+
+    Nested mappings become ``a/b`` keys; so do lists made only of mappings (``a/0/b``),
+    which also means an empty list disappears, exactly as in Lightning.
+    """
+    result: dict[str, Any] = {}
+    for k, v in params.items():
+        new_key = parent_key + delimiter + str(k) if parent_key else str(k)
+        if is_dataclass(v) and not isinstance(v, type):
+            v = asdict(v)
+        elif isinstance(v, Namespace):
+            v = vars(v)
+        # Lightning tests MutableMapping; any Mapping here, since json could not write
+        # a read-only one anyway.
+        if isinstance(v, Mapping):
+            result = {**result, **_flatten_dict(v, delimiter, new_key)}
+        elif isinstance(v, list) and all(isinstance(item, Mapping) for item in v):
+            for i, item in enumerate(v):
+                result = {**result, **_flatten_dict(item, delimiter, f"{new_key}/{i}")}
+        else:
+            result[new_key] = v
+    return result
+
+
+def _json_default(obj: Any) -> Any:
+    # NeMo turns paths into str before logging; a tensor-like scalar becomes its number;
+    # anything else is recorded by its text rather than failing the sink.
+    item = getattr(obj, "item", None)
+    if callable(item):
+        return item()
+    if isinstance(obj, (set, frozenset)):
+        return list(obj)
+    return str(obj)
