@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import csv
+import json
 from pathlib import Path
+from typing import Any
 
 from expbus.bus import from_json
 from expbus.sinks.contract import SinkContract, metric_points
@@ -26,3 +29,34 @@ class TestMemoryContract(SinkContract):
 
     def read_back(self, run_dir: Path) -> list[tuple[int, dict[str, float]]]:
         return metric_points(self.sink.events)
+
+
+class TestDLLoggerContract(SinkContract):
+    def make_sink(self, run_dir: Path) -> Any:
+        from expbus.sinks.dllogger import DLLoggerSink
+
+        return DLLoggerSink(json_file="dllogger.json")
+
+    def read_back(self, run_dir: Path) -> list[tuple[int, dict[str, float]]]:
+        points = []
+        for line in (run_dir / "dllogger.json").read_text().splitlines():
+            record = json.loads(line.removeprefix("DLLL "))
+            if record["type"] == "LOG" and isinstance(record["step"], int):
+                values = {k: v for k, v in record["data"].items() if k != "epoch"}
+                points.append((record["step"], values))
+        return points
+
+
+class TestCsvContract(SinkContract):
+    def make_sink(self, run_dir: Path) -> Any:
+        from expbus.sinks.csv import CsvSink
+
+        return CsvSink(path="metrics.csv")
+
+    def read_back(self, run_dir: Path) -> list[tuple[int, dict[str, float]]]:
+        with open(run_dir / "metrics.csv", newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        return [
+            (int(row["step"]), {k: float(v) for k, v in row.items() if k not in ("step", "epoch") and v != ""})
+            for row in rows
+        ]
