@@ -47,11 +47,12 @@ def resolve_value(value: Any) -> Any:
     return float(value)
 
 
+_PLAIN_TYPES = frozenset({float, int})
+
+
 def _needs_resolution(values: dict[str, Any]) -> bool:
-    for value in values.values():
-        if type(value) is not float and type(value) is not int:
-            return True
-    return False
+    # set(map(type, ...)) runs in C: several times cheaper than a Python loop at K=100.
+    return not _PLAIN_TYPES.issuperset(map(type, values.values()))
 
 
 def resolve_event(event: Event) -> Event:
@@ -97,6 +98,13 @@ def _has_non_finite(event: Event) -> bool:
         values = event.durations
     if values is None:
         return False
+    try:
+        # NaN and infinity carry through a sum, so a finite sum means all are finite
+        # (a C-speed fast path); an overflow to inf falls back to the exact scan.
+        if math.isfinite(sum(values.values())):
+            return False
+    except TypeError:
+        pass
     for value in values.values():
         if type(value) is float and not math.isfinite(value):
             return True

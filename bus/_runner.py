@@ -215,7 +215,8 @@ class SinkRunner:
             self._notify()
         self.queue.append(event)
         self.events_queued += 1
-        if self.events_queued >= self.policy.batch_size:
+        if self.events_queued == self.policy.batch_size:
+            # Only the crossing wakes the worker: it re-checks the size before it waits.
             self._notify()
         return True
 
@@ -229,8 +230,9 @@ class SinkRunner:
         self._notify()
 
     def _notify(self) -> None:
-        if self._wake is not None:
-            self._wake.set()
+        wake = self._wake
+        if wake is not None and not wake.is_set():
+            wake.set()
 
     async def wait_for_space(self) -> None:
         """Wait until the queue has room again (``block`` policy)."""

@@ -1,0 +1,95 @@
+"""``python -m benchmarks``: run every benchmark in a fresh subprocess and write the report.
+
+Usage (from the repository root)::
+
+    python -m benchmarks                 # full run, writes benchmarks/results/<YYYY-MM-DD>-<hostname>.md
+    python -m benchmarks --quick         # smoke run: tiny sizes, prints the table, writes no file
+    python -m benchmarks --quick --out R # ... and writes the report to R (a file, or a directory)
+
+The markdown report goes to stdout as well. The exit status is 1 when a benchmark failed
+or a data-arrival check failed (published events missing from the jsonl file, the journal
+or a sink's counters); the report then says FAILED.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.report import REPO_ROOT, default_out_path, environment, loadavg, render
+
+BENCHMARKS = ["publish_overhead", "drain_throughput"]
+
+
+def _run_one(name: str, quick: bool, timeout: float, workdir: Path) -> tuple[dict[str, Any] | None, str]:
+    """Run ``benchmarks.<name>`` in a fresh interpreter; (its JSON result, an error text)."""
+    json_out = workdir / f"{name}.json"
+    cmd = [sys.executable, "-m", f"benchmarks.{name}", "--json-out", str(json_out)]
+    if quick:
+        cmd.append("--quick")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, timeout=timeout, stdout=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        return None, f"timed out after {timeout:.0f} s"
+    print(f"[{name}: exit {proc.returncode} after {time.perf_counter() - t0:.1f} s]", file=sys.stderr, flush=True)
+    if not json_out.exists():
+        return None, f"exit status {proc.returncode}, no result written"
+    result: dict[str, Any] = json.loads(json_out.read_text(encoding="utf-8"))
+    if proc.returncode != 0 and result.get("ok", False):
+        return None, f"exit status {proc.returncode}"
+    return result, ""
+
+
+def _out_path(out: str | None, quick: bool) -> Path | None:
+    if out is None:
+        return None if quick else default_out_path()
+    path = Path(out)
+    if path.is_dir() or out.endswith(("/", os.sep)):
+        return path / default_out_path().name
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description="Run the expbus benchmarks.")
+    parser.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, no results file unless --out")
+    parser.add_argument("--out", help="write the report here (a file, or a directory for <date>-<host>.md)")
+    parser.add_argument("--timeout", type=float, default=None, help="seconds per benchmark (default 120 quick, 600)")
+    args = parser.parse_args(argv)
+    timeout = args.timeout or (120.0 if args.quick else 600.0)
+    command = "python -m benchmarks" + (" --quick" if args.quick else "")
+
+    load_at_start = loadavg()
+    results: dict[str, dict[str, Any] | None] = {}
+    errors: dict[str, str] = {}
+    with tempfile.TemporaryDirectory(prefix="expbus-bench-results-") as tmp:
+        for name in BENCHMARKS:
+            result, error = _run_one(name, args.quick, timeout, Path(tmp))
+            results[name] = result
+            if error:
+                errors[name] = error
+    report = render(results, environment(load_at_start), command, errors)
+    print(report)
+    path = _out_path(args.out, args.quick)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(report, encoding="utf-8")
+        print(f"[report written to {path}]", file=sys.stderr)
+    ok = all(res is not None and res["ok"] for res in results.values())
+    if not ok:
+        print("BENCHMARKS FAILED: a benchmark did not finish or published data did not all arrive", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
