@@ -129,21 +129,30 @@ class CsvSink:
 
 
 def _save_hparams_to_yaml(path: Path, hparams: dict[str, Any]) -> None:
-    """Lightning's ``save_hparams_to_yaml`` for a dict (OmegaConf first, then plain YAML)."""
+    """Lightning's ``save_hparams_to_yaml`` for a dict (OmegaConf first, then plain YAML).
+
+    Written to a temporary file and renamed, because other sinks (tensorboard) write the same
+    ``hparams.yaml`` beside it from their own threads: a reader never sees a partial file.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as fp:
-        try:
-            OmegaConf.save(hparams, fp)
-            return
-        except (UnsupportedValueType, ValidationError):
-            pass
-    # Lightning's fallback: drop the values YAML cannot dump, keep the rest.
-    allowed: dict[str, Any] = {}
-    for key, value in hparams.items():
-        try:
-            yaml.dump(value)
-        except (TypeError, ValueError):
-            continue
-        allowed[key] = value
-    with open(path, "w", newline="", encoding="utf-8") as fp:
-        yaml.dump(allowed, fp)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", newline="", encoding="utf-8") as fp:
+            try:
+                OmegaConf.save(hparams, fp)
+            except (UnsupportedValueType, ValidationError):
+                # Lightning's fallback: drop the values YAML cannot dump, keep the rest.
+                fp.seek(0)
+                fp.truncate()
+                allowed: dict[str, Any] = {}
+                for key, value in hparams.items():
+                    try:
+                        yaml.dump(value)
+                    except (TypeError, ValueError):
+                        continue
+                    allowed[key] = value
+                yaml.dump(allowed, fp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
