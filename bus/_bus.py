@@ -235,7 +235,7 @@ class Bus:
         # From here on, publish is a no-op again.
         self.__dict__.pop("publish", None)
         finished = request.done.wait(max(0.0, deadline - time.monotonic()))
-        self._shutdown_thread(max(0.5, deadline - time.monotonic()))
+        self._shutdown_thread(max(0.05, deadline - time.monotonic()))
         for runner in self._runners.values():
             runner.abandon()
         self._state = "closed"

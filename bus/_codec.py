@@ -91,13 +91,17 @@ def from_msgpack(data: bytes) -> Event:
 
 
 def _has_non_finite(event: Event) -> bool:
-    values: dict[str, Any] | None = None
+    values: dict[str, Any]
     if type(event) is Metrics:
         values = event.values
     elif type(event) is Timing:
         values = event.durations
-    if values is None:
-        return False
+    else:
+        # Rare events: check their float fields (a checkpoint's monitor value may be inf).
+        return any(
+            type(v) is float and not math.isfinite(v)
+            for v in (getattr(event, f) for f in event.__struct_fields__)
+        )
     try:
         # NaN and infinity carry through a sum, so a finite sum means all are finite
         # (a C-speed fast path); an overflow to inf falls back to the exact scan.

@@ -33,10 +33,10 @@ DEFAULT_SINKS: dict[str, dict[str, Any]] = {
     "jsonl": {"type": "jsonl"},
     "dllogger": {"type": "dllogger"},
     "csv": {"type": "csv"},
-    # Experiment-tracking backends are sinks too. When their sinks are installed, add them
-    # here (or in a --config file), for example:
-    #   "tensorboard": {"type": "tensorboard"},
-    #   "mlflow": {"type": "mlflow", "tracking_uri": "file:./mlruns"},
+    # TensorBoard event files in the run directory, and MLflow in a sqlite database in the
+    # experiment directory (exp_dir/mlflow.db): `mlflow ui --backend-store-uri sqlite:///...`.
+    "tensorboard": {"type": "tensorboard"},
+    "mlflow": {"type": "mlflow"},
 }
 """The sinks of ``expbus demo`` without ``--config`` (the journal is always written)."""
 

@@ -28,22 +28,9 @@ def _one_run_dir(out: Path) -> Path:
     return runs[0]
 
 
-def _default_sinks_available() -> bool:
-    from expbus.sinks import resolve_sink_class
-
-    try:
-        for name in ("dllogger", "csv"):
-            resolve_sink_class(name)
-    except Exception:
-        return False
-    return True
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(110)
 def test_demo_with_the_default_sinks(tmp_path: Path) -> None:
-    if not _default_sinks_available():
-        pytest.skip("the built-in dllogger/csv sinks are not importable yet")
     proc = _expbus("demo", "--out", str(tmp_path / "out"), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     run_dir = _one_run_dir(tmp_path / "out")
@@ -52,11 +39,27 @@ def test_demo_with_the_default_sinks(tmp_path: Path) -> None:
         assert (run_dir / name).is_file(), name
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     assert str(run_dir) in proc.stdout and "journal.msgpack" in proc.stdout
-    for sink_id in ("jsonl", "dllogger", "csv"):
-        assert f"{sink_id}: closed" in proc.stdout
+    for sink_id in ("jsonl", "dllogger", "csv", "tensorboard", "mlflow"):
+        assert f"{sink_id}: closed delivered=" in proc.stdout and f"{sink_id}: closed delivered=0 " not in proc.stdout
     events = read_journal(run_dir)
     assert isinstance(events[0], RunStarted) and isinstance(events[-1], RunFinished)
     assert events[-1].status == "completed" and events[-1].step == 200
+    train_steps = [e.step for e in events if isinstance(e, Metrics) and "train_loss_step" in e.values]
+    assert train_steps and train_steps == sorted(train_steps)
+    # TensorBoard (read back with its own reader) and MLflow (sqlite in exp_dir) hold every point.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(run_dir))
+    accumulator.Reload()
+    assert [s.step for s in accumulator.Scalars("train_loss_step")] == train_steps
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("expbus_demo")
+    assert experiment is not None
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.run_name == run_dir.name and run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss_step")] == train_steps
 
 
 @pytest.mark.slow

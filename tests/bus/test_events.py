@@ -125,3 +125,9 @@ def test_unknown_tag_is_a_validation_error() -> None:
     payload = msgspec.msgpack.encode({"kind": "from_the_future", "time": 1.0})
     with pytest.raises(msgspec.ValidationError):
         from_msgpack(payload)
+
+
+def test_non_finite_checkpoint_score_survives_json() -> None:
+    event = CheckpointSaved(time=1.0, path="x.ckpt", step=1, monitor="val_loss", monitor_value=math.inf)
+    back = from_json(to_json(event))
+    assert isinstance(back, CheckpointSaved) and back.monitor_value == math.inf
