@@ -9,6 +9,8 @@ import math
 import os
 import sys
 import threading
+import zipfile
+from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,7 +21,7 @@ from expbus.bus import CheckpointSaved, Event, Hyperparams, Metrics, RunFinished
 from ._optional import require
 from ._state import load_state, save_state
 
-__all__ = ["ClearMLSink", "split_title_series"]
+__all__ = ["ClearMLSink", "OfflineSession", "read_offline_sessions", "split_title_series"]
 
 log = logging.getLogger("expbus.sinks.clearml")
 
@@ -512,3 +514,62 @@ def _run_bounded(fn: Callable[[], None], timeout: float, name: str) -> bool:
         raise errors[0]
     return finished
 
+
+class OfflineSession:
+    """One ClearML offline session zip, read the way ``Task.import_offline_session`` reads it.
+
+    ``task.json`` holds the task, its hyperparameters and ``offline_output_models``;
+    ``metrics.jsonl`` holds one JSON list of event requests per line (those of this task's
+    id are kept, as ``Metrics.report_offline_session(only_with_id=...)`` does).
+
+    Attributes:
+        path: the zip file.
+        task: the task dict from ``task.json``.
+        events: the metric event requests of this task, in order.
+        log: the console log requests.
+        files: the model files in the zip (name -> bytes).
+    """
+
+    def __init__(self, zip_path: Path) -> None:
+        self.path = zip_path
+        with zipfile.ZipFile(zip_path) as archive:
+            self.names = set(archive.namelist())
+            self.task = json.loads(archive.read("task.json"))
+            self.events = [request for line in self._lines(archive, "metrics.jsonl")
+                           for request in json.loads(line) if request.get("task") == self.task["id"]]
+            self.log = [request for line in self._lines(archive, "log.jsonl") for request in json.loads(line)]
+            self.files = {name: archive.read(name) for name in self.names if name.startswith("models/")}
+
+    @staticmethod
+    def _lines(archive: zipfile.ZipFile, name: str) -> list[str]:
+        if name not in archive.namelist():
+            return []
+        return [line for line in archive.read(name).decode().splitlines() if line.strip()]
+
+    def scalars(self) -> dict[tuple[str, str], list[tuple[int, float]]]:
+        """(title, series) -> [(iteration, value), ...] in the order reported."""
+        out: dict[tuple[str, str], list[tuple[int, float]]] = defaultdict(list)
+        for event in self.events:
+            if event["type"] == "training_stats_scalar":
+                out[(event["metric"], event["variant"])].append((event["iter"], event["value"]))
+        return dict(out)
+
+    def hyperparams(self) -> dict[str, str]:
+        """The connected hyperparameters (flattened names -> values as ClearML stores them)."""
+        return {name: entry["value"] for name, entry in self.task["hyperparams"].get("hparams", {}).items()}
+
+    def points(self) -> list[tuple[int, dict[str, float]]]:
+        """Metric points by step, ``{name: value}`` with names joined back from title/series (no ``epoch``)."""
+        by_step: dict[int, dict[str, float]] = defaultdict(dict)
+        for (title, series), points in self.scalars().items():
+            if (title, series) == ("epoch", "epoch"):
+                continue  # Lightning's epoch, added by the sink
+            for step, value in points:
+                by_step[step][title if title == series else f"{title}/{series}"] = value
+        return sorted(by_step.items())
+
+
+def read_offline_sessions(run_dir: str | os.PathLike[str], cache_dir: str = "clearml") -> list[OfflineSession]:
+    """Every offline session the clearml sink wrote under a run directory, oldest first."""
+    folder = Path(run_dir) / cache_dir / "offline"
+    return [OfflineSession(z) for z in sorted(folder.glob("*.zip"), key=lambda p: p.stat().st_mtime)]

@@ -6,6 +6,7 @@ import logging
 import math
 import os
 import threading
+from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,7 +29,13 @@ from expbus.bus import (
 from ._optional import require
 from ._state import load_state, save_state
 
-__all__ = ["NeptuneSink", "is_transient_error"]
+__all__ = [
+    "NeptuneSink",
+    "is_transient_error",
+    "read_offline_runs",
+    "offline_series",
+    "offline_points_by_step",
+]
 
 log = logging.getLogger("expbus.sinks.neptune")
 
@@ -468,3 +475,59 @@ def _run_bounded(fn: Callable[[], None], timeout: float, name: str) -> bool:
     if errors:
         raise errors[0]
     return finished
+
+
+def read_offline_runs(data_dir: str | os.PathLike[str]) -> dict[str, list[Any]]:
+    """Every offline run under a Neptune data directory: its id -> its operations, in order.
+
+    ``neptune sync`` finds the runs with ``collect_offline_containers`` and reads each
+    execution directory's ``DiskQueue`` of serialized operations; so does this (with
+    Neptune's own classes). ``data_dir`` is the sink's ``data_dir`` (``run_dir/.neptune``).
+    """
+    require("neptune", sink="neptune", extra="neptune")
+    from neptune.cli.collect import collect_offline_containers
+    from neptune.core.components.queue.disk_queue import DiskQueue
+    from neptune.internal.operation import Operation
+
+    runs: dict[str, list[Any]] = {}
+    for container in collect_offline_containers(path=Path(data_dir)):
+        operations: list[Any] = []
+        for execution_dir in container.execution_dirs:
+            queue: Any = DiskQueue(
+                data_path=execution_dir.path,
+                to_dict=lambda op: op.to_dict(),
+                from_dict=Operation.from_dict,
+                lock=threading.RLock(),
+            )
+            try:
+                while batch := queue.get_batch(1000):
+                    operations.extend(element.obj for element in batch)
+            finally:
+                queue.close()
+        runs[str(container.container_id)] = operations
+    return runs
+
+
+def offline_series(operations: list[Any], kind: Any = None) -> dict[str, list[tuple[float, Any]]]:
+    """path -> [(step, value), ...] of every float series (or of ``kind``'s operations) in a run."""
+    if kind is None:
+        from neptune.internal.operation import LogFloats
+
+        kind = LogFloats
+    out: dict[str, list[tuple[float, Any]]] = defaultdict(list)
+    for op in operations:
+        if isinstance(op, kind):
+            out["/".join(op.path)].extend((v.step, v.value) for v in op.values)
+    return dict(out)
+
+
+def offline_points_by_step(operations: list[Any], prefix: str = "training") -> list[tuple[int, dict[str, float]]]:
+    """Metric points of a run as ``(step, {name: value})`` by step (Lightning's ``epoch`` left out)."""
+    by_step: dict[int, dict[str, float]] = defaultdict(dict)
+    for path, points in offline_series(operations).items():
+        name = path[len(prefix) + 1:] if prefix else path
+        if name == "epoch":
+            continue
+        for step, value in points:
+            by_step[int(step)][name] = value
+    return sorted(by_step.items())

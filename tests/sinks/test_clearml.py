@@ -8,8 +8,6 @@ import os
 import random
 import sys
 import time
-import zipfile
-from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,7 +28,8 @@ from expbus.bus import (
 )
 from expbus.sinks import ConfigError, create_sink, load_config
 from expbus.sinks._optional import MissingClientError
-from expbus.sinks.clearml import ClearMLSink, split_title_series
+from expbus.sinks.clearml import ClearMLSink, OfflineSession, split_title_series
+from expbus.sinks.clearml import read_offline_sessions as _read_sessions
 from expbus.sinks.contract import SinkContract
 
 clearml = pytest.importorskip("clearml")
@@ -46,61 +45,17 @@ NAN = float("nan")
 T0 = 1_700_000_000.0
 
 
-# -- ClearML's offline session ------------------------------------------------------------
-class Session:
-    """One offline session zip, read the way ``Task.import_offline_session`` reads it.
-
-    The importer loads ``task.json`` (the task, its hyperparameters and ``offline_output_models``)
-    and replays ``metrics.jsonl``: one JSON list of event requests per line, keeping those whose
-    ``task`` is the session's task id (``Metrics.report_offline_session(only_with_id=...)``).
-    """
-
-    def __init__(self, zip_path: Path) -> None:
-        self.path = zip_path
-        with zipfile.ZipFile(zip_path) as archive:
-            self.names = set(archive.namelist())
-            self.task = json.loads(archive.read("task.json"))
-            self.events = [request for line in self._lines(archive, "metrics.jsonl")
-                           for request in json.loads(line) if request.get("task") == self.task["id"]]
-            self.log = [request for line in self._lines(archive, "log.jsonl") for request in json.loads(line)]
-            self.files = {name: archive.read(name) for name in self.names if name.startswith("models/")}
-
-    @staticmethod
-    def _lines(archive: zipfile.ZipFile, name: str) -> list[str]:
-        if name not in archive.namelist():
-            return []
-        return [line for line in archive.read(name).decode().splitlines() if line.strip()]
-
-    def scalars(self) -> dict[tuple[str, str], list[tuple[int, float]]]:
-        """(title, series) -> [(iteration, value), ...] in the order reported."""
-        out: dict[tuple[str, str], list[tuple[int, float]]] = defaultdict(list)
-        for event in self.events:
-            if event["type"] == "training_stats_scalar":
-                out[(event["metric"], event["variant"])].append((event["iter"], event["value"]))
-        return dict(out)
-
-    def hyperparams(self) -> dict[str, str]:
-        return {name: entry["value"] for name, entry in self.task["hyperparams"].get("hparams", {}).items()}
+Session = OfflineSession
 
 
-def only_session(run_dir: Path, cache_dir: str = "clearml") -> Session:
-    zips = sorted((run_dir / cache_dir / "offline").glob("*.zip"))
-    assert len(zips) == 1, zips
-    return Session(zips[0])
+def only_session(run_dir: Path, cache_dir: str = "clearml") -> OfflineSession:
+    sessions = _read_sessions(run_dir, cache_dir=cache_dir)
+    assert len(sessions) == 1, [s.path for s in sessions]
+    return sessions[0]
 
 
-def metric_name(title: str, series: str) -> str:
-    return title if title == series else f"{title}/{series}"
-
-
-def points_by_step(session: Session) -> list[tuple[int, dict[str, float]]]:
-    by_step: dict[int, dict[str, float]] = defaultdict(dict)
-    for (title, series), points in session.scalars().items():
-        if (title, series) == ("epoch", "epoch"):
-            continue  # Lightning's epoch, added by the sink
-        for step, value in points:
-            by_step[step][metric_name(title, series)] = value
-    return sorted(by_step.items())
+def points_by_step(session: OfflineSession) -> list[tuple[int, dict[str, float]]]:
+    return session.points()
 
 
 def context(run_dir: Path, sink_id: str = "cml") -> SinkContext:

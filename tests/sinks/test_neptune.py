@@ -8,7 +8,6 @@ import logging
 import sys
 import threading
 import time
-from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,11 +31,19 @@ from expbus.bus import (
 from expbus.sinks import ConfigError, create_sink, load_config
 from expbus.sinks._optional import MissingClientError
 from expbus.sinks.contract import SinkContract
-from expbus.sinks.neptune import NeptuneSink, is_transient_error
+from expbus.sinks.neptune import (
+    NeptuneSink,
+    is_transient_error,
+    offline_points_by_step,
+    offline_series,
+    read_offline_runs,
+)
+
+offline_runs = read_offline_runs
+series = offline_series
+points_by_step = offline_points_by_step
 
 neptune = pytest.importorskip("neptune")
-from neptune.cli.collect import collect_offline_containers  # noqa: E402
-from neptune.core.components.queue.disk_queue import DiskQueue  # noqa: E402
 from neptune.internal.operation import (  # noqa: E402
     AddStrings,
     AssignBool,
@@ -56,44 +63,10 @@ T0 = 1_700_000_000.0
 
 
 # -- Neptune's offline data, read with Neptune's own classes ------------------------------
-def offline_runs(data_dir: Path) -> dict[str, list[Operation]]:
-    """Every offline run under a Neptune data directory: its id -> its operations, in order.
-
-    ``neptune sync`` finds the runs with ``collect_offline_containers`` and reads each
-    execution directory's ``DiskQueue`` of serialized operations; so does this.
-    """
-    runs: dict[str, list[Operation]] = {}
-    for container in collect_offline_containers(path=data_dir):
-        operations: list[Operation] = []
-        for execution_dir in container.execution_dirs:
-            queue: DiskQueue[Operation] = DiskQueue(
-                data_path=execution_dir.path,
-                to_dict=lambda op: op.to_dict(),
-                from_dict=Operation.from_dict,
-                lock=threading.RLock(),
-            )
-            try:
-                while batch := queue.get_batch(1000):
-                    operations.extend(element.obj for element in batch)
-            finally:
-                queue.close()
-        runs[str(container.container_id)] = operations
-    return runs
-
-
 def only_run(data_dir: Path) -> list[Operation]:
     runs = offline_runs(data_dir)
     assert len(runs) == 1, list(runs)
     return next(iter(runs.values()))
-
-
-def series(operations: list[Operation], kind: type = LogFloats) -> dict[str, list[tuple[float, Any]]]:
-    """path -> [(step, value), ...] of every float (or string) series."""
-    out: dict[str, list[tuple[float, Any]]] = defaultdict(list)
-    for op in operations:
-        if isinstance(op, kind):
-            out["/".join(op.path)].extend((v.step, v.value) for v in op.values)
-    return dict(out)
 
 
 def assigned(operations: list[Operation]) -> dict[str, Any]:
@@ -106,18 +79,6 @@ def assigned(operations: list[Operation]) -> dict[str, Any]:
         elif isinstance(op, DeleteAttribute):
             out.pop(key, None)
     return out
-
-
-def points_by_step(operations: list[Operation], prefix: str = "training") -> list[tuple[int, dict[str, float]]]:
-    """Metric points as the contract wants them: (step, {name: value}), by step; Lightning's epoch left out."""
-    by_step: dict[int, dict[str, float]] = defaultdict(dict)
-    for path, points in series(operations).items():
-        name = path[len(prefix) + 1:]
-        if name == "epoch":
-            continue
-        for step, value in points:
-            by_step[int(step)][name] = value
-    return sorted(by_step.items())
 
 
 def context(run_dir: Path, sink_id: str = "nep") -> SinkContext:
