@@ -45,6 +45,8 @@ log = logging.getLogger("expbus.bus")
 # Most items the pump takes from the ingress per cycle, so that a burst cannot starve
 # the sink workers of loop time.
 _MAX_DRAIN = 50_000
+# Events the fan-out hands to sink queues between two yields to the loop.
+_FANOUT_SLICE = 1024
 
 
 def _disable_in_child(ref: weakref.ref[Bus]) -> None:
@@ -395,10 +397,17 @@ class Bus:
     async def _fanout(self) -> None:
         pending = self._pending
         runners = list(self._runners.values())
+        since_yield = 0
         while True:
             while not pending:
                 self._pending_wake = anyio.Event()
                 await self._pending_wake.wait()
+            since_yield += 1
+            if since_yield >= _FANOUT_SLICE:
+                # Let the sink workers hand full batches to their threads during a burst,
+                # rather than filling every queue first (which would drop under drop_newest).
+                since_yield = 0
+                await anyio.sleep(0)
             item = pending.popleft()
             if isinstance(item, Marker):
                 for runner in runners:
