@@ -8,7 +8,6 @@ import logging
 import math
 import os
 import sys
-import threading
 import zipfile
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -19,6 +18,7 @@ from typing import Any
 from expbus.bus import CheckpointSaved, Event, Hyperparams, Metrics, RunFinished, SinkContext, Text, Timing
 
 from ._optional import require
+from ._scoped import run_bounded, scoped_environ
 from ._state import load_state, save_state
 
 __all__ = ["ClearMLSink", "OfflineSession", "read_offline_sessions", "split_title_series"]
@@ -34,7 +34,6 @@ _FRAMEWORKS = (
 )
 
 # Environment variables are process-wide: sinks opening in parallel take turns.
-_ENV_LOCK = threading.Lock()
 
 
 def split_title_series(name: str) -> tuple[str, str]:
@@ -252,7 +251,7 @@ class ClearMLSink:
         previous_seed = getattr(Task, "_random_seed", None)
         env = {"CLEARML_CACHE_DIR": cache_dir} if cache_dir else {}
         try:
-            with _ENV_LOCK, _environ(env), _random_state_kept():
+            with scoped_environ(env), _random_state_kept():
                 Task.set_offline(offline_mode=offline)
                 # Task.init re-seeds random/numpy/torch with its seed; a logging sink must not.
                 Task.set_random_seed(None)
@@ -344,7 +343,7 @@ class ClearMLSink:
                 task.stopped(force=True, status_reason="expbus: run interrupted")
 
         try:
-            done = _run_bounded(finish, self.close_timeout, "expbus-clearml-close")
+            done = run_bounded(finish, self.close_timeout, "expbus-clearml-close")
         finally:
             self._restore_globals()
         if not done:
@@ -451,21 +450,6 @@ def _mode(offline: bool) -> str:
     return "offline" if offline else "on a server"
 
 
-@contextmanager
-def _environ(values: Mapping[str, str]) -> Iterator[None]:
-    """Set environment variables for the duration of the block (the caller holds ``_ENV_LOCK``)."""
-    saved = {key: os.environ.get(key) for key in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, old in saved.items():
-            if old is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = old
-
-
 def _offline_output_models(folder: Path) -> list[Any]:
     """The ``offline_output_models`` an offline session's ``task.json`` lists (none if unreadable)."""
     try:
@@ -493,26 +477,6 @@ def _random_state_kept() -> Iterator[None]:
         random.setstate(saved)
         if numpy_random is not None:
             numpy_random.set_state(numpy_saved)
-
-
-def _run_bounded(fn: Callable[[], None], timeout: float, name: str) -> bool:
-    """Run ``fn`` in a daemon thread; True when it finished within ``timeout`` (its exception re-raised)."""
-    done = threading.Event()
-    errors: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            fn()
-        except BaseException as exc:  # handed to the caller
-            errors.append(exc)
-        finally:
-            done.set()
-
-    threading.Thread(target=target, name=name, daemon=True).start()
-    finished = done.wait(timeout)
-    if errors:
-        raise errors[0]
-    return finished
 
 
 class OfflineSession:

@@ -7,8 +7,7 @@ import math
 import os
 import threading
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -27,6 +26,7 @@ from expbus.bus import (
 )
 
 from ._optional import require
+from ._scoped import run_bounded, scoped_environ
 from ._state import load_state, save_state
 
 __all__ = [
@@ -47,7 +47,6 @@ _ONLINE = ("async", "sync")
 _STATUS = {"completed": "success", "failed": "failed", "interrupted": "interrupted"}
 
 # Environment variables are process-wide: sinks opening in parallel take turns.
-_ENV_LOCK = threading.Lock()
 
 
 def is_transient_error(exc: BaseException) -> bool:
@@ -228,7 +227,7 @@ class NeptuneSink:
             data_dir = context.resolve(self.data_dir)
             data_dir.mkdir(parents=True, exist_ok=True)
             env["NEPTUNE_DATA_DIRECTORY"] = str(data_dir)
-        with _ENV_LOCK, _environ(env):
+        with scoped_environ(env):
             # The data directory is read while the run's operation processor is built, in here.
             self._run = neptune.init_run(**init)
         self.run_ref = self._reference(self._run, mode)
@@ -310,7 +309,7 @@ class NeptuneSink:
             self._save()
         # run.stop(seconds=...) bounds its waits, not its bookkeeping: a margin on top, then give up.
         deadline = self.stop_timeout + min(10.0, self.stop_timeout)
-        if not _run_bounded(lambda: run.stop(seconds=self.stop_timeout), deadline, "expbus-neptune-stop"):
+        if not run_bounded(lambda: run.stop(seconds=self.stop_timeout), deadline, "expbus-neptune-stop"):
             raise TimeoutError(f"neptune run {self.run_ref} did not stop within {deadline}s")
         if self.skipped_steps or self.skipped_nonfinite:
             log.info("neptune sink: skipped %d points whose step was not above their series' last step and "
@@ -440,41 +439,6 @@ def _refuse_hosted_service(token: str | None) -> None:
             f"the Neptune API token points at {host}: Neptune's hosted service closed in 2026. Use a token of a "
             "self-hosted Neptune server, or mode: offline and `neptune sync` to a server later"
         )
-
-
-@contextmanager
-def _environ(values: Mapping[str, str]) -> Iterator[None]:
-    """Set environment variables for the duration of the block (the caller holds ``_ENV_LOCK``)."""
-    saved = {key: os.environ.get(key) for key in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, old in saved.items():
-            if old is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = old
-
-
-def _run_bounded(fn: Callable[[], None], timeout: float, name: str) -> bool:
-    """Run ``fn`` in a daemon thread; True when it finished within ``timeout`` (its exception re-raised)."""
-    done = threading.Event()
-    errors: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            fn()
-        except BaseException as exc:  # handed to the caller
-            errors.append(exc)
-        finally:
-            done.set()
-
-    threading.Thread(target=target, name=name, daemon=True).start()
-    finished = done.wait(timeout)
-    if errors:
-        raise errors[0]
-    return finished
 
 
 def read_offline_runs(data_dir: str | os.PathLike[str]) -> dict[str, list[Any]]:
