@@ -6,14 +6,14 @@ import json
 import logging
 import sys
 import time
-from argparse import Namespace
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, is_dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
 
 from expbus.bus import Event, Hyperparams, Metrics, SinkContext, Timing
+
+from ._flatten import flatten_params
 
 __all__ = ["DLLoggerSink"]
 
@@ -94,7 +94,7 @@ class DLLoggerSink:
             if isinstance(event, Metrics):
                 self._log(event.time, event.step, _metrics_data(event), _DEFAULT)
             elif isinstance(event, Hyperparams):
-                self._log(event.time, PARAMETER_STEP, _flatten_dict(event.params), _DEFAULT)
+                self._log(event.time, PARAMETER_STEP, flatten_params(event.params), _DEFAULT)
             elif isinstance(event, Timing):
                 self._log(event.time, event.step, dict(event.durations), _VERBOSE)
 
@@ -162,31 +162,6 @@ def _metrics_data(event: Metrics) -> dict[str, Any]:
         # before every ``log_metrics``: an int, after the metric values.
         data.setdefault("epoch", event.epoch)
     return data
-
-
-def _flatten_dict(params: Mapping[Any, Any], delimiter: str = "/", parent_key: str = "") -> dict[str, Any]:
-    """Lightning's ``_flatten_dict`` (what NeMo's ``log_hyperparams`` applies), rule for rule.
-
-    Nested mappings become ``a/b`` keys; so do lists made only of mappings (``a/0/b``),
-    which also means an empty list disappears, exactly as in Lightning.
-    """
-    result: dict[str, Any] = {}
-    for k, v in params.items():
-        new_key = parent_key + delimiter + str(k) if parent_key else str(k)
-        if is_dataclass(v) and not isinstance(v, type):
-            v = asdict(v)
-        elif isinstance(v, Namespace):
-            v = vars(v)
-        # Lightning tests MutableMapping; any Mapping here, since json could not write
-        # a read-only one anyway.
-        if isinstance(v, Mapping):
-            result = {**result, **_flatten_dict(v, delimiter, new_key)}
-        elif isinstance(v, list) and all(isinstance(item, Mapping) for item in v):
-            for i, item in enumerate(v):
-                result = {**result, **_flatten_dict(item, delimiter, f"{new_key}/{i}")}
-        else:
-            result[new_key] = v
-    return result
 
 
 def _json_default(obj: Any) -> Any:

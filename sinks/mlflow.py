@@ -8,9 +8,7 @@ import logging
 import os
 import re
 import tempfile
-from argparse import Namespace
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import unquote, urlparse
@@ -26,6 +24,7 @@ from expbus.bus import (
     TransientSinkError,
 )
 
+from ._flatten import flatten_params
 from ._optional import require
 from ._state import load_state, save_state
 
@@ -80,29 +79,6 @@ def sanitize_name(name: str, max_length: int = 250) -> str:
     cleaned = _DISALLOWED.sub("_", name)[:max_length]
     parts = [part if part not in (".", "..") else "_" * len(part) for part in cleaned.split("/") if part]
     return "/".join(parts) or "_"
-
-
-def _flatten(params: Mapping[Any, Any], delimiter: str = "/", parent_key: str = "") -> dict[str, Any]:
-    """Lightning's ``_flatten_dict`` (what ``MLFlowLogger.log_hyperparams`` applies), rule for rule.
-
-    Nested mappings become ``a/b`` keys; so do lists made only of mappings (``a/0/b``), which
-    also means that an empty list disappears, exactly as in Lightning.
-    """
-    result: dict[str, Any] = {}
-    for key, value in params.items():
-        new_key = f"{parent_key}{delimiter}{key}" if parent_key else str(key)
-        if is_dataclass(value) and not isinstance(value, type):
-            value = asdict(value)
-        elif isinstance(value, Namespace):
-            value = vars(value)
-        if isinstance(value, Mapping):
-            result.update(_flatten(value, delimiter, new_key))
-        elif isinstance(value, list) and all(isinstance(item, Mapping) for item in value):
-            for i, item in enumerate(value):
-                result.update(_flatten(item, delimiter, f"{new_key}/{i}"))
-        else:
-            result[new_key] = value
-    return result
 
 
 def _exception_chain(exc: BaseException) -> list[BaseException]:
@@ -560,7 +536,7 @@ class MlflowSink:
         limit = self._limits["MAX_PARAM_VAL_LENGTH"]
         key_limit = self._limits["MAX_ENTITY_KEY_LENGTH"]
         fresh: dict[str, str] = {}
-        for raw_key, raw_value in _flatten(nested).items():
+        for raw_key, raw_value in flatten_params(nested).items():
             key = sanitize_name(raw_key, key_limit)
             value = str(raw_value)
             if len(value) > limit:

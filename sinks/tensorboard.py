@@ -29,6 +29,7 @@ from expbus.bus import (
     Timing,
 )
 
+from ._flatten import flatten_params
 from ._optional import require
 from ._state import load_state, save_state
 
@@ -298,7 +299,7 @@ class TensorBoardSink:
     def _hparams_records(self, wall_time: float) -> list[bytes]:
         """``TensorBoardLogger.log_hyperparams``'s records (at step 0, as it logs with no step)."""
         assert self._pb is not None
-        params = _sanitize_params(_flatten_dict(self.hparams))
+        params = _sanitize_params(flatten_params(self.hparams))
         metric_tags = [self._tag("hp_metric")] if self.default_hp_metric else []
         records = self._pb.hparams_events(params, metric_tags, wall_time)
         if self.default_hp_metric and not self._state.get("hp_metric_logged"):
@@ -578,21 +579,6 @@ class _Framer:
         header = _HEADER.pack(len(record))
         crc = self._masked_crc32c
         return header + _CRC.pack(crc(header)) + record + _CRC.pack(crc(record))
-
-
-def _flatten_dict(params: dict[str, Any], delimiter: str = "/", parent_key: str = "") -> dict[str, Any]:
-    """Lightning's ``_flatten_dict``: nested mappings (and lists of them) to ``a/b`` keys."""
-    result: dict[str, Any] = {}
-    for key, value in params.items():
-        new_key = f"{parent_key}{delimiter}{key}" if parent_key else str(key)
-        if isinstance(value, dict):
-            result.update(_flatten_dict(value, delimiter, new_key))
-        elif isinstance(value, list) and all(isinstance(item, dict) for item in value):
-            for i, item in enumerate(value):
-                result.update(_flatten_dict(item, delimiter, f"{new_key}/{i}"))
-        else:
-            result[new_key] = value
-    return result
 
 
 def _sanitize_params(params: dict[str, Any]) -> dict[str, Any]:
