@@ -62,6 +62,14 @@ __all__ = [
     "create_sink",
     "capture_events",
     "MemorySink",
+    "exp_manager",
+    "ExpManagerConfig",
+    "load_exp_manager_config",
+    "clean_exp_ckpt",
+    "restore_weights",
+    "NotFoundError",
+    "LoggerMisconfigurationError",
+    "CheckpointMisconfigurationError",
 ]
 
 _LAZY = {
@@ -75,6 +83,14 @@ _LAZY = {
     "create_sink": "expbus.sinks",
     "capture_events": "expbus.sinks.testing",
     "MemorySink": "expbus.sinks.testing",
+    "exp_manager": "expbus.trainer_bridge.exp_manager",
+    "ExpManagerConfig": "expbus.trainer_bridge.exp_manager",
+    "load_exp_manager_config": "expbus.trainer_bridge.exp_manager",
+    "clean_exp_ckpt": "expbus.trainer_bridge.exp_manager",
+    "restore_weights": "expbus.trainer_bridge.exp_manager",
+    "NotFoundError": "expbus.trainer_bridge.exp_manager",
+    "LoggerMisconfigurationError": "expbus.trainer_bridge.exp_manager",
+    "CheckpointMisconfigurationError": "expbus.trainer_bridge.exp_manager",
 }
 
 if TYPE_CHECKING:
@@ -89,6 +105,16 @@ if TYPE_CHECKING:
     )
     from expbus.sinks.testing import MemorySink, capture_events
     from expbus.trainer_bridge import BridgeCallback
+    from expbus.trainer_bridge.exp_manager import (
+        CheckpointMisconfigurationError,
+        ExpManagerConfig,
+        LoggerMisconfigurationError,
+        NotFoundError,
+        clean_exp_ckpt,
+        exp_manager,
+        load_exp_manager_config,
+        restore_weights,
+    )
 
 
 def __getattr__(name: str) -> Any:

@@ -51,18 +51,29 @@ def _local(path: str) -> str:
     return path[len("file://"):] if path.startswith("file://") else path
 
 
+def _on_disk(path: str) -> str:
+    """Where a checkpoint really is: ``x.ckpt``, or the folder ``x/`` of a distributed layout."""
+    local = _local(path)
+    if not os.path.lexists(local) and local.endswith(".ckpt"):
+        folder = local.removesuffix(".ckpt")
+        if os.path.isdir(folder):
+            return folder
+    return local
+
+
 def _size(path: str) -> int | None:
     """Bytes of a checkpoint file, or of every file under a checkpoint directory."""
     if not _is_local(path):
         return None
+    local = _on_disk(path)
     try:
-        st = os.stat(_local(path))
+        st = os.stat(local)
     except OSError:
         return None
     if not stat.S_ISDIR(st.st_mode):
         return st.st_size
     total = 0
-    for root, _dirs, files in os.walk(_local(path)):
+    for root, _dirs, files in os.walk(local):
         for name in files:
             try:
                 total += os.stat(os.path.join(root, name)).st_size
@@ -73,7 +84,7 @@ def _size(path: str) -> int | None:
 
 def _exists(path: str) -> bool:
     # ``lexists``: a dangling ``last.ckpt`` link still names a checkpoint that was not removed.
-    return os.path.lexists(_local(path))
+    return os.path.lexists(_on_disk(path))
 
 
 def _as_float(value: Any) -> float | None:
