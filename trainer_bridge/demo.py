@@ -196,6 +196,8 @@ def run_demo(
     Raises:
         ConfigError: the configuration is invalid.
     """
+    if config_path is not None and _has_exp_manager_block(config_path):
+        return _run_with_exp_manager(Path(config_path), out_dir, max_steps=max_steps, verbose=verbose)
     config = demo_config(config_path, out_dir)
     bridge = BridgeCallback(config)
     checkpoint = ModelCheckpoint(
@@ -225,6 +227,50 @@ def run_demo(
     if verbose:
         print(_report(bridge, checkpoint, trainer, time.monotonic() - started))
     return bridge.run_dir
+
+
+def _has_exp_manager_block(config_path: str | os.PathLike[str]) -> bool:
+    from omegaconf import DictConfig, OmegaConf
+
+    path = Path(config_path)
+    if not path.is_file():
+        return False  # demo_config reports the missing file
+    loaded = OmegaConf.load(path)
+    return isinstance(loaded, DictConfig) and "exp_manager" in loaded
+
+
+def _run_with_exp_manager(
+    config_path: Path, out_dir: str | os.PathLike[str] | None, *, max_steps: int, verbose: bool
+) -> Path:
+    """The demo as a NeMo script runs: a Trainer from ``trainer:``, then ``exp_manager(trainer, cfg.exp_manager)``."""
+    from omegaconf import OmegaConf
+
+    from .exp_manager import exp_manager
+
+    cfg = OmegaConf.load(config_path)
+    if out_dir is not None:
+        cfg.exp_manager.exp_dir = os.fspath(out_dir)
+    trainer_kwargs: dict[str, Any] = dict(OmegaConf.to_container(cfg.get("trainer", {}), resolve=True))  # type: ignore[arg-type]
+    trainer_kwargs["max_steps"] = max_steps
+    torch.manual_seed(0)
+    started = time.monotonic()
+    with _quiet_lightning():
+        trainer = pl.Trainer(
+            **{"accelerator": "cpu", "devices": 1, **trainer_kwargs},
+            logger=False,  # exp_manager's loggers are expbus sinks
+            enable_checkpointing=False,  # exp_manager adds its own ModelCheckpoint
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        log_dir = exp_manager(trainer, cfg.exp_manager)
+        trainer.fit(DemoRegressor(), datamodule=SyntheticRegression())
+    if verbose:
+        bridge = next(cb for cb in trainer.callbacks if isinstance(cb, BridgeCallback))  # type: ignore[attr-defined]
+        checkpoint = trainer.checkpoint_callback
+        assert isinstance(checkpoint, ModelCheckpoint)
+        print(_report(bridge, checkpoint, trainer, time.monotonic() - started))
+    assert log_dir is not None
+    return log_dir
 
 
 def _size(num: int) -> str:
