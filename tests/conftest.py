@@ -66,6 +66,20 @@ def _loopback_only() -> Iterator[None]:
         socket.socket.connect_ex = _real_connect_ex  # type: ignore[method-assign]
 
 
+@pytest.fixture(autouse=True)
+def _environment_restored() -> Iterator[None]:
+    """Undo what a test (or the code under test) wrote into os.environ.
+
+    exp_manager publishes ``NEMO_EXPM_VERSION`` for ranks spawned later, and clients set their
+    own variables; left behind, they would steer later tests and their subprocesses.
+    """
+    saved = dict(os.environ)
+    yield
+    if dict(os.environ) != saved:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 @pytest.fixture
 def run_dir(tmp_path: Path) -> Path:
     """A fresh run directory."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,9 +17,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationW
 
 
 def _demo(cwd: Path, steps: int) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "NEMO_EXPM_VERSION"}
     return subprocess.run(
         [sys.executable, "-m", "expbus", "demo", "--config", str(EXAMPLE), "--out", "exps", "--steps", str(steps)],
-        cwd=cwd, capture_output=True, text=True, timeout=240,
+        cwd=cwd, capture_output=True, text=True, timeout=240, env=env,
     )
 
 

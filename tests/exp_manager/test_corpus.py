@@ -23,9 +23,9 @@ from expbus.sinks import ConfigError
 from expbus.trainer_bridge import BridgeCallback
 from expbus.trainer_bridge.exp_manager import NotFoundError, exp_manager, load_exp_manager_config
 
-NEMO_CONFIGS = Path(__file__).resolve().parents[3] / "shared" / "nemo_configs"
-if not NEMO_CONFIGS.is_dir():  # pragma: no cover - the corpus lives beside the repository
-    pytest.skip("../shared/nemo_configs is not available", allow_module_level=True)
+# A copy of ../shared/nemo_configs (the corpus beside the repository) travels with the tests,
+# so a clone without shared/ still checks every real NeMo block.
+NEMO_CONFIGS = Path(__file__).resolve().parent / "nemo_configs"
 
 FILES = sorted(p for p in NEMO_CONFIGS.glob("*.yaml") if p.name != "multirun_voicebox_hparams_search_example.yaml")
 POSITIVE = [p for p in FILES if not p.name.startswith("invalid_")]
