@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 
 from expbus.sinks import ConfigError
 from expbus.trainer_bridge import BridgeCallback
+from expbus.trainer_bridge.ema import EMA
 from expbus.trainer_bridge.exp_manager import NotFoundError, exp_manager, load_exp_manager_config
 
 # A copy of ../shared/nemo_configs (the corpus beside the repository) travels with the tests,
@@ -262,16 +263,14 @@ def test_invalid_nullname_fails_naming_the_key() -> None:
     assert "did you mean name?" in str(info.value)
 
 
-def test_invalid_ema_enabled_is_nemos_docs_spelling_and_ema_is_refused_for_now(
+def test_invalid_ema_enabled_is_nemos_docs_spelling_and_attaches_ema(
         make_trainer: Callable[..., pl.Trainer]) -> None:
     root = load(NEMO_CONFIGS / "invalid_tts_voicebox_ema_enabled_typo.yaml")
-    # NeMo's schema rejects `enabled`; its docs use it, so it is read as `enable` here...
+    # NeMo's schema rejects `enabled`; its docs use it, so it is read as `enable` here.
     assert load_exp_manager_config(root.exp_manager).ema.enable is True
-    # ...and EMA itself is not available yet: a clear error naming the key, nothing on disk.
-    with pytest.raises(ConfigError) as info:
-        exp_manager(make_trainer(), root.exp_manager)
-    assert info.value.path == "exp_manager.ema.enable" and "not yet available" in str(info.value)
-    assert list(Path.cwd().iterdir()) == []
+    trainer = make_trainer()
+    exp_manager(trainer, root.exp_manager)
+    assert any(isinstance(cb, EMA) for cb in trainer.callbacks)  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize("path", POSITIVE, ids=lambda p: p.stem)
@@ -286,10 +285,6 @@ def test_positive_block_runs_through_exp_manager(path: Path, tmp_path: Path,
         block.exp_dir = str(tmp_path / "exps")
     cfg = load_exp_manager_config(block)
     trainer = make_trainer()
-    if cfg.ema.enable:
-        with pytest.raises(ConfigError, match=r"exp_manager\.ema\.enable"):
-            exp_manager(trainer, block)
-        return
     if cfg.resume_if_exists and not cfg.resume_ignore_no_checkpoint:
         with pytest.raises(NotFoundError):
             exp_manager(trainer, block)

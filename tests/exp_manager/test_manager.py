@@ -51,7 +51,7 @@ def test_fast_dev_run_returns_none(make_trainer: Callable[..., pl.Trainer], tmp_
     "block",
     [
         {"unused": 1},  # NeMo's test_omegaconf
-        {"ema": {"enable": True}},
+        {"ema": {"enable": True, "decay": 1.5}},
         {"summary_writer_kwargs": {"log_dir": "x"}},
         {"create_wandb_logger": True},
         {"sinks": {"e": {"type": "nope"}}},

@@ -75,12 +75,12 @@ def exp_manager(
     left in a reused log dir move into ``run_N/`` (event files, journals and sink outputs
     that continue on resume stay).
 
-    Preemption (``create_preemption_callback``, default true) relies for now on Lightning's own
-    SIGTERM handling: the step in progress finishes, then ``fit`` raises Lightning's
-    ``SIGTERMException`` (a ``SystemExit``) and the bridge records the run as interrupted; no
-    ``-last`` checkpoint is written on the signal (NeMo's ``PreemptionCallback``, which saves one,
-    comes with a later version). ``ema.enable: true`` is refused for now, naming the key (EMA
-    comes with a later version).
+    Preemption (``create_preemption_callback``, default true, with a checkpoint callback) adds a
+    :class:`~expbus.trainer_bridge.preemption.PreemptionCallback`: on SIGTERM the step in
+    progress finishes, ``-last`` (and its EMA twin) is saved, ``fit`` returns normally after
+    ``RunFinished(interrupted)`` is published and the sinks are flushed. ``ema.enable: true``
+    adds :class:`~expbus.trainer_bridge.ema.EMA` (its ``-EMA.ckpt`` twin is written beside
+    every checkpoint).
 
     Args:
         trainer: the Lightning Trainer.
@@ -141,11 +141,12 @@ def exp_manager(
         dirpath=config.checkpoint_callback_params.dirpath,
         resume_from_checkpoint=config.resume_from_checkpoint,
     )
+    checkpoint_callback = None
     if config.create_checkpoint_callback:
         # Still before the folder exists: a refused combination of checkpoint parameters
         # leaves nothing behind.
-        configure_checkpointing(trainer, log_dir.path, checkpoint_name, bool(config.resume_if_exists),
-                                config.checkpoint_callback_params)
+        checkpoint_callback = configure_checkpointing(trainer, log_dir.path, checkpoint_name,
+                                                      bool(config.resume_if_exists), config.checkpoint_callback_params)
 
     publish_version(log_dir, global_rank=global_rank)
     detach_log_files()
@@ -174,6 +175,21 @@ def exp_manager(
     if duration is not None:
         install_stateless_timer(trainer, duration)
     trainer.callbacks.extend(extra)  # type: ignore[attr-defined]
+    if config.ema.enable:
+        from expbus.trainer_bridge.ema import EMA
+
+        ema = config.ema
+        # The checkpoint callback finds it by its ``save_ema_checkpoint`` and writes the ``-EMA.ckpt`` twins.
+        trainer.callbacks.append(EMA(  # type: ignore[attr-defined]
+            decay=0.999 if ema.decay is None else ema.decay,
+            validate_original_weights=bool(ema.validate_original_weights),
+            every_n_steps=ema.every_n_steps,
+            cpu_offload=bool(ema.cpu_offload)))
+    if config.create_preemption_callback and checkpoint_callback is not None:
+        from expbus.trainer_bridge.preemption import PreemptionCallback
+
+        # As NeMo: preemption saves through the checkpoint callback, so it exists only with one.
+        trainer.callbacks.append(PreemptionCallback(checkpoint_callback))  # type: ignore[attr-defined]
     if config.log_tflops_per_sec_per_gpu:
         log.debug("log_tflops_per_sec_per_gpu: accepted; expbus does not compute model FLOPs")
 
@@ -189,9 +205,13 @@ def exp_manager(
 def _error_checks(trainer: pl.Trainer, config: ExpManagerConfig) -> None:
     """NeMo's checks of the Trainer against the configuration, and the parts not available yet."""
     if config.ema.enable:
-        raise ConfigError(f"{ROOT}.ema.enable: EMA is not yet available in this version of expbus; set "
-                          f"{ROOT}.ema.enable: false (NeMo's docs spell the key `enabled`; both are read)",
-                          path=f"{ROOT}.ema.enable", value=True)
+        decay, every = config.ema.decay, config.ema.every_n_steps
+        if decay is not None and not 0.0 <= decay <= 1.0:
+            raise ConfigError(f"{ROOT}.ema.decay: must be between 0 and 1, got {decay!r}",
+                              path=f"{ROOT}.ema.decay", value=decay)
+        if every < 1:
+            raise ConfigError(f"{ROOT}.ema.every_n_steps: must be >= 1, got {every!r}",
+                              path=f"{ROOT}.ema.every_n_steps", value=every)
     _check_hydra_cwd()
     if config.create_checkpoint_callback and any(isinstance(cb, ModelCheckpoint)
                                                  for cb in trainer.callbacks):  # type: ignore[attr-defined]
