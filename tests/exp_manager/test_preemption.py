@@ -52,6 +52,9 @@ SCRIPT = textwrap.dedent("""
         def on_train_batch_end(self, outputs, batch, batch_idx):
             with progress.open("a") as f:
                 f.write(f"{self.trainer.global_step}\\n")
+            # When each step's metrics are about to be published (Lightning logs right after this hook).
+            with progress.with_suffix(".times").open("a") as f:
+                f.write(f"{self.trainer.global_step} {time.time()}\\n")
 
 
     torch.manual_seed(0)
@@ -62,6 +65,7 @@ SCRIPT = textwrap.dedent("""
     exp_manager(trainer, {
         "explicit_log_dir": log_dir, "resume_if_exists": True, "resume_ignore_no_checkpoint": True,
         "sinks": {"events": {"type": "jsonl"}}, "ema": {"enable": True, "decay": 0.9},
+        "create_mlflow_logger": True, "mlflow_logger_kwargs": {"save_dir": str(Path(log_dir) / "mlruns")},
         "checkpoint_callback_params": {"monitor": None, "filename": "{step}", "every_n_epochs": 1},
     })
     trainer.fit(Slow(), data)
@@ -101,6 +105,14 @@ def _tensorboard_steps(log_dir: Path) -> list[int]:
     return sorted(e.step for e in acc.Scalars("train_loss"))
 
 
+def _mlflow_steps(log_dir: Path) -> list[int]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{log_dir / 'mlruns' / 'mlflow.db'}")
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    return sorted(m.step for m in client.get_metric_history(run.info.run_id, "train_loss"))
+
+
 def test_invalid_signal_is_an_error() -> None:
     with pytest.raises(ValueError):
         PreemptionCallback(sig=12345)
@@ -132,6 +144,7 @@ def test_sigterm_mid_epoch_saves_last_keeps_telemetry_and_resumes_at_the_next_st
     lines = (log_dir / "events.jsonl").read_bytes().splitlines()
     assert _steps([from_json(line) for line in lines]) == steps
     assert _tensorboard_steps(log_dir) == steps
+    assert _mlflow_steps(log_dir) == steps
 
     progress.unlink()
     resumed = _train(tmp_path, log_dir, stopped + 3, progress)
@@ -143,3 +156,40 @@ def test_sigterm_mid_epoch_saves_last_keeps_telemetry_and_resumes_at_the_next_st
     second = journal[max(i for i, e in enumerate(journal) if isinstance(e, RunStarted)):]
     assert _steps(second) == [s + 1 for s in (steps[-1], steps[-1] + 1, steps[-1] + 2)]
     assert [e.status for e in second if isinstance(e, RunFinished)] == ["completed"]
+
+
+@pytest.mark.filterwarnings("ignore:.*exists and is not empty.*")
+def test_sigkill_loses_nothing_older_than_the_fsync_interval(tmp_path: Path) -> None:
+    """A SIGKILL gives no chance to flush: the journal must still hold every event older than its fsync window."""
+    log_dir, progress = tmp_path / "run", tmp_path / "progress.txt"
+    process = _train(tmp_path, log_dir, 10_000, progress)
+    _wait_for_steps(progress, process, 150)
+    killed_at = time.time()
+    process.kill()
+    process.communicate(timeout=60)
+    assert process.returncode == -signal.SIGKILL
+
+    fsync_interval = 1.0  # the journal's default (README: Reliability)
+    published: dict[int, float] = {}
+    for line in progress.with_suffix(".times").read_text().splitlines():
+        step, when = line.split()
+        published[int(step)] = float(when)
+    old_enough = {step for step, when in published.items() if when < killed_at - fsync_interval}
+    assert len(old_enough) >= 40
+    journal_steps = set(_steps(read_journal(log_dir)))
+    missing = sorted(old_enough - journal_steps)
+    assert not missing, f"steps published over {fsync_interval}s before the kill but not in the journal: {missing}"
+
+
+def test_exp_manager_preemption_signal_is_configurable(tmp_path: Path) -> None:
+    import lightning.pytorch as pl
+
+    from expbus.sinks import ConfigError
+    from expbus.trainer_bridge.exp_manager import exp_manager
+
+    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    exp_manager(trainer, {"explicit_log_dir": str(tmp_path / "run"), "preemption_signal": "SIGUSR1"})
+    (callback,) = [c for c in trainer.callbacks if isinstance(c, PreemptionCallback)]
+    assert callback.sig == signal.SIGUSR1
+    with pytest.raises(ConfigError, match="preemption_signal"):
+        exp_manager(pl.Trainer(logger=False, enable_checkpointing=False), {"preemption_signal": "SIGKILL"})

@@ -284,11 +284,12 @@ class ExpManagerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True)
     sinks: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
     journal: JournalConfig = _struct(JournalConfig)
     bus: BusConfig = _struct(BusConfig)
+    preemption_signal: Literal["SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT"] = "SIGTERM"
 
 
 #: The fields that NeMo's ExpManagerConfig has (the rest are expbus's).
 NEMO_FIELDS: tuple[str, ...] = tuple(f for f in ExpManagerConfig.__struct_fields__
-                                     if f not in ("sinks", "journal", "bus"))
+                                     if f not in ("sinks", "journal", "bus", "preemption_signal"))
 
 # Spellings accepted besides the field name: NeMo's own docs write ``ema.enabled``.
 _ALIASES: dict[type[Any], dict[str, str]] = {EMAParams: {"enabled": "enable"}}

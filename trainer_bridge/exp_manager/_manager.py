@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -189,7 +190,9 @@ def exp_manager(
         from expbus.trainer_bridge.preemption import PreemptionCallback
 
         # As NeMo: preemption saves through the checkpoint callback, so it exists only with one.
-        trainer.callbacks.append(PreemptionCallback(checkpoint_callback))  # type: ignore[attr-defined]
+        # SIGUSR1 for SLURM's --signal=USR1@<seconds>; SIGTERM by default.
+        sig = signal.Signals[config.preemption_signal]
+        trainer.callbacks.append(PreemptionCallback(checkpoint_callback, sig=sig))  # type: ignore[attr-defined]
     if config.log_tflops_per_sec_per_gpu:
         log.debug("log_tflops_per_sec_per_gpu: accepted; expbus does not compute model FLOPs")
 
