@@ -70,6 +70,7 @@ __all__ = [
     "NotFoundError",
     "LoggerMisconfigurationError",
     "CheckpointMisconfigurationError",
+    "hydra_runner",
 ]
 
 _LAZY = {
@@ -91,6 +92,7 @@ _LAZY = {
     "NotFoundError": "expbus.trainer_bridge.exp_manager",
     "LoggerMisconfigurationError": "expbus.trainer_bridge.exp_manager",
     "CheckpointMisconfigurationError": "expbus.trainer_bridge.exp_manager",
+    "hydra_runner": "expbus.trainer_bridge.hydra_runner",
 }
 
 if TYPE_CHECKING:
@@ -115,6 +117,7 @@ if TYPE_CHECKING:
         load_exp_manager_config,
         restore_weights,
     )
+    from expbus.trainer_bridge.hydra_runner import hydra_runner
 
 
 def __getattr__(name: str) -> Any:
