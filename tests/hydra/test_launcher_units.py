@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -29,7 +30,10 @@ def test_cpu_slots_default_to_half_the_cores(monkeypatch: pytest.MonkeyPatch) ->
         plan_slots(-1, 1, 0)
 
 
-def test_child_command_drops_the_sweep_keys_and_pins_devices() -> None:
+def test_child_command_drops_the_sweep_keys_and_pins_devices(monkeypatch: pytest.MonkeyPatch) -> None:
+    # As if started as `python train.py -m ...` (pytest itself may run as `python -m pytest`).
+    monkeypatch.setattr(sys.modules["__main__"], "__spec__", None, raising=False)
+    monkeypatch.setattr(sys, "argv", ["train.py", "-m", "model.lr=0.1,0.2"])
     overrides = ["model.lr=0.1", "hydra.run.dir=out", "hydra.sweep.dir=x", "trainer.devices=[0,1]",
                  "hydra.job.env_set.A=1"]
     cmd = child_command(3, overrides, pin_devices=True)
