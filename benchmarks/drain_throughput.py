@@ -14,6 +14,12 @@ What it measures
     * ``memory (ceiling)``: a :class:`~expbus.sinks.testing.MemorySink` and no journal: the
       bus's own overhead (drain, resolve, fan-out, batching, the sink thread) with no
       encoding or I/O, an upper bound for any sink.
+    * ``tensorboard + journal``, ``csv + journal``, ``dllogger + journal``,
+      ``mlflow (sqlite) + journal``: each backend sink with its defaults (MLflow into a
+      sqlite database in the temp dir), with fewer events (they are slower; see
+      ``SINK_SIZES``), read back through the backend's reader (TensorBoard's record
+      reader and ``Event`` proto, the CSV rows, the DLLogger lines, MLflow's metric history
+      and its sqlite table).
 
     Sinks run under ``SinkPolicy(when_full="block")``, so a backlog makes the bus thread
     wait for the sink instead of dropping: the numbers are the lossless, sustained rate.
@@ -37,7 +43,8 @@ How to read the numbers
 
 Data arrival
     Every repeat reads everything back: the steps in the jsonl file and in the journal must
-    be exactly 0..N-1 in order (the memory sink's events likewise), ``flush()`` and
+    be exactly 0..N-1 in order (the memory sink's events likewise; the backend sinks must
+    hold every step with all K values), ``flush()`` and
     ``close()`` must return True, and the sink must report N delivered, 0 dropped, 0 failed.
     A failed check exits with status 1.
 
@@ -55,6 +62,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks import _readback as _rb
 from benchmarks._common import Checks, count_lines, emit, journal_steps, jsonl_steps, median, steps_in_order
 from expbus.bus import Bus, Metrics, SinkPolicy
 from expbus.sinks.jsonl import JsonlSink
@@ -66,9 +74,22 @@ SETUPS: list[tuple[str, str, bool, str | None]] = [
     ("jsonl_journal", "jsonl + journal", True, "jsonl"),
     ("jsonl", "jsonl, no journal", False, "jsonl"),
     ("memory", "memory (ceiling)", False, "memory"),
+    ("tensorboard", "tensorboard + journal", True, "tensorboard"),
+    ("csv", "csv + journal", True, "csv"),
+    ("dllogger", "dllogger + journal", True, "dllogger"),
+    ("mlflow", "mlflow (sqlite) + journal", True, "mlflow"),
 ]
 FULL_SIZES = {1: 200_000, 10: 200_000, 100: 20_000}
 QUICK_SIZES = {1: 2_000, 10: 2_000, 100: 500}
+# The backend sinks are slower: fewer events, so that each run takes a second or two.
+SINK_SIZES = {
+    "tensorboard": {1: 50_000, 10: 20_000, 100: 4_000},
+    "csv": {1: 50_000, 10: 20_000, 100: 4_000},
+    "dllogger": {1: 50_000, 10: 20_000, 100: 4_000},
+    "mlflow": {1: 3_000, 10: 1_000, 100: 200},
+}
+QUICK_SINK_SIZES = {"mlflow": {1: 200, 10: 200, 100: 50}}
+SINK_REPEATS = 2  # at most, for the backend sinks (to keep the full run near 6 minutes)
 BURST_SIZE = 200_000
 
 _LOSSLESS = SinkPolicy(when_full="block")
@@ -96,11 +117,29 @@ def _one(
     run_dir = Path(tempfile.mkdtemp(prefix="run-", dir=tmp))
     bus = Bus(run_dir=run_dir, journal=journal)
     memory: MemorySink | None = None
+    experiment = f"drain-{run_dir.name}"
     if sink_kind == "jsonl":
         bus.add_sink("sink", JsonlSink(path="events.jsonl"), policy)
     elif sink_kind == "memory":
         memory = MemorySink()
         bus.add_sink("sink", memory, policy)
+    elif sink_kind == "tensorboard":
+        from expbus.sinks.tensorboard import TensorBoardSink
+
+        bus.add_sink("sink", TensorBoardSink(), policy)
+    elif sink_kind == "csv":
+        from expbus.sinks.csv import CsvSink
+
+        bus.add_sink("sink", CsvSink(), policy)
+    elif sink_kind == "dllogger":
+        from expbus.sinks.dllogger import DLLoggerSink
+
+        bus.add_sink("sink", DLLoggerSink(json_file="dllogger.json"), policy)
+    elif sink_kind == "mlflow":
+        from expbus.sinks.mlflow import MlflowSink
+
+        bus.add_sink("sink", MlflowSink(tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}", experiment_name=experiment),
+                     policy)
     bus.open()
     gc.collect()
 
@@ -133,6 +172,19 @@ def _one(
             steps = jsonl_steps(path)
             checks.check(f"{tag}: jsonl steps", steps_in_order(steps, n),
                          f"jsonl lines {len(steps)}/{n}, steps 0..{n - 1} in order")
+    if sink_kind in ("tensorboard", "csv", "dllogger", "mlflow"):
+        names = list(events[0].values)
+        if sink_kind == "tensorboard":
+            counted = _rb.count_tensorboard_records(run_dir, names)
+        elif sink_kind == "csv":
+            counted = _rb.count_csv(run_dir / "metrics.csv", names)
+        elif sink_kind == "dllogger":
+            counted = _rb.count_dllogger(run_dir / "dllogger.json", names)
+        else:
+            counted = _rb.count_mlflow(tmp / "mlflow.db", experiment, names)
+        checks.check(f"{tag}: {sink_kind} read back", counted.rows == n and counted.values == n * k,
+                     f"{sink_kind} steps with all {k} values {counted.rows}/{n}, values {counted.values}/{n * k}"
+                     + (f" ({counted.detail})" if counted.detail else ""))
     if sink_kind == "memory" and memory is not None:
         steps = [e.step for e in memory.events]  # type: ignore[attr-defined]
         checks.check(f"{tag}: memory steps", steps_in_order(steps, n),
@@ -162,16 +214,20 @@ def _one(
     return result
 
 
-def run(sizes: dict[int, int], repeats: int, burst_size: int, tmp: Path) -> dict[str, Any]:
+def run(sizes: dict[int, int], repeats: int, burst_size: int, tmp: Path,
+        sink_sizes: dict[str, dict[int, int]] | None = None) -> dict[str, Any]:
     """Every setup x K, ``repeats`` times, then the default-policy burst."""
     checks = Checks()
     rows: list[dict[str, Any]] = []
-    for k, n in sizes.items():
-        events = _events(n, k)
+    sink_sizes = SINK_SIZES if sink_sizes is None else sink_sizes
+    for k, n_default in sizes.items():
+        all_events = _events(max([n_default, *(s.get(k, 0) for s in sink_sizes.values())]), k)
         for setup in SETUPS:
-            key, label, _journal, _sink = setup
+            key, label, _journal, sink_kind = setup
+            n = sink_sizes.get(sink_kind or "", {}).get(k, n_default)
+            events = all_events[:n]
             reps = []
-            for rep in range(repeats):
+            for rep in range(min(repeats, SINK_REPEATS) if sink_kind in sink_sizes else repeats):
                 tag = f"drain {label} K={k} #{rep + 1}"
                 reps.append(_one(setup, events, k, tmp, checks, tag))
             eps = [r["events_per_s"] for r in reps]
@@ -197,7 +253,7 @@ def run(sizes: dict[int, int], repeats: int, burst_size: int, tmp: Path) -> dict
                 f"{row['values_per_s']:>14,.0f} values/s  publish {row['publish_ns_per_event']:.0f} ns/ev",
                 file=sys.stderr, flush=True,
             )
-        del events
+        del events, all_events
 
     burst_setup = ("jsonl_journal_default", "jsonl + journal, default policy", True, "jsonl")
     events = _events(burst_size, 1)
@@ -209,7 +265,9 @@ def run(sizes: dict[int, int], repeats: int, burst_size: int, tmp: Path) -> dict
           f"dropped {burst['dropped']}, journal {burst['journal_records']}", file=sys.stderr, flush=True)
     return {
         "benchmark": "drain_throughput",
-        "params": {"sizes": {str(k): n for k, n in sizes.items()}, "repeats": repeats, "burst": burst_size},
+        "params": {"sizes": {str(k): n for k, n in sizes.items()}, "repeats": repeats, "burst": burst_size,
+                   "sink_repeats": min(repeats, SINK_REPEATS),
+                   "sink_sizes": {s: {str(k): n for k, n in v.items()} for s, v in sink_sizes.items()}},
         "rows": rows,
         "burst": burst,
         "checks": checks.items,
@@ -227,8 +285,9 @@ def main(argv: list[str] | None = None) -> int:
     repeats = 1 if args.quick else args.repeats
     burst = 2_000 if args.quick else BURST_SIZE
     print(f"drain_throughput: sizes {sizes}, {repeats} repeats", file=sys.stderr)
+    sink_sizes = QUICK_SINK_SIZES if args.quick else SINK_SIZES
     with tempfile.TemporaryDirectory(prefix="expbus-bench-") as tmp:
-        result = run(sizes, repeats, burst, Path(tmp))
+        result = run(sizes, repeats, burst, Path(tmp), sink_sizes)
     emit(result, args.json_out)
     if not result["ok"]:
         print("drain_throughput: DATA-ARRIVAL CHECK FAILED", file=sys.stderr)

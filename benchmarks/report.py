@@ -1,7 +1,9 @@
 """The markdown report of a benchmark run: the tables, the data-arrival checks, the machine.
 
-:func:`render` turns the JSON results of :mod:`benchmarks.publish_overhead` and
-:mod:`benchmarks.drain_throughput` into markdown; :func:`environment` describes the machine
+:func:`render` turns the JSON results of every benchmark (:mod:`benchmarks.step_overhead`,
+:mod:`benchmarks.publish_overhead`, :mod:`benchmarks.drain_throughput`,
+:mod:`benchmarks.memory_growth`, :mod:`benchmarks.import_time`) into markdown, with the
+summary of :mod:`benchmarks.summary` first; :func:`environment` describes the machine
 and the versions; :func:`default_out_path` is ``benchmarks/results/<YYYY-MM-DD>-<hostname>.md``.
 """
 
@@ -17,6 +19,8 @@ import sys
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from benchmarks.summary import summary_lines
 
 __all__ = ["RESULTS_DIR", "default_out_path", "environment", "loadavg", "render"]
 
@@ -82,8 +86,9 @@ def loadavg() -> str:
         return "unknown"
 
 
-def environment(load_at_start: str | None = None) -> dict[str, str]:
-    """Versions and machine facts for the report (``load_at_start``: see :func:`loadavg`)."""
+def environment(load_at_start: str | None = None, load_during: list[str] | None = None) -> dict[str, str]:
+    """Versions and machine facts for the report (``load_at_start``: see :func:`loadavg`;
+    ``load_during``: the 1-minute load average sampled after each benchmark)."""
     try:
         affinity = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
@@ -95,11 +100,17 @@ def environment(load_at_start: str | None = None) -> dict[str, str]:
         "expbus": f"{_version('expbus')} (git {_git_describe()})",
         "msgspec": _version("msgspec"),
         "anyio": _version("anyio"),
+        "torch": _version("torch"),
+        "lightning": _version("lightning"),
+        "tensorboard": _version("tensorboard"),
+        "mlflow": _version("mlflow"),
+        "wandb": _version("wandb"),
         "platform": platform.platform(),
         "CPU count": f"{os.cpu_count()} (usable by this process: {affinity})",
         "CPU model": _cpu_model(),
         "GIL switch interval": f"{sys.getswitchinterval() * 1000:g} ms",
         "load average (1/5/15 min) before the run": load_at_start or "not recorded",
+        "load average (1 min) after each benchmark": ", ".join(load_during) if load_during else "not recorded",
         "load average (1/5/15 min) after the run": loadavg(),
     }
 
@@ -155,7 +166,8 @@ def _drain_section(res: dict[str, Any]) -> list[str]:
         "## Drain throughput (first publish until `flush()` returns True)",
         "",
         f"Pre-built `Metrics` events with K float values, published in a tight loop on a fresh bus; "
-        f"median of {p['repeats']} run(s) per case; sinks under `when_full=\"block\"` (lossless). "
+        f"median of {p['repeats']} run(s) per case ({p.get('sink_repeats', p['repeats'])} for the backend sinks, "
+        "which get fewer events); sinks under `when_full=\"block\"` (lossless). "
         "See `benchmarks/drain_throughput.py` for how to read them.",
         "",
         "| setup | K | events | events/s | values/s | events/s min-max | publish ns/ev | s per run |",
@@ -184,6 +196,141 @@ def _drain_section(res: dict[str, Any]) -> list[str]:
     return out
 
 
+def _step_section(res: dict[str, Any]) -> list[str]:
+    p = res["params"]
+    rows = res["rows"]
+    steps = ", ".join(f"{key.replace(':', ' K=')}: {w} warm-up + {n} measured" for key, (w, n) in p["steps"].items())
+    out = [
+        "## Step overhead (what logging costs the training step)",
+        "",
+        f"Real `Trainer.fit` runs on CPU with `torch.set_num_threads(1)` (the other core is left to logging "
+        f"threads and background processes). Workload (a): a {p['matmul_n']}x{p['matmul_n']} `torch.mm` "
+        f"({p['matmul_ms']:.2f} ms on one thread, GIL released, as a device step) plus the tiny step; workload "
+        "(b): `Linear(32, 32)` on a batch of 8 (Python-bound). K metrics logged every step with `self.log` "
+        f"(`log_every_n_steps=1`). Steps per run: {steps} (in a full run, about 1 s of measured steps without "
+        "logging, so that sinks write during training: `batch_delay` is 0.5 s). "
+        f"{', '.join(p['core_configs'])} run {p['repeats']} time(s), "
+        f"the per-backend configurations {p['single_repeats']}, each "
+        "in a fresh process forked from one that has imported only torch and Lightning, in alternating order. "
+        "A step is the interval between two `on_train_batch_start` calls (it includes the logger connector's "
+        "work after `on_train_batch_end`). Statistics pool the steps of all repeats. Overheads are against "
+        "`none` (logger=False, no callbacks; the module still calls `self.log`). *Other threads* is the CPU "
+        "time per step of every thread but the training thread (bus and sink threads, TensorBoard's writer, "
+        "wandb's threads): the part of it that runs Python holds the GIL the training thread needs (C code "
+        "that releases the GIL, such as sqlite's, runs on the other core). The mean overhead keeps the periodic "
+        "stalls (a sink writing a batch every `batch_delay`) that the median hides. *Training thread waiting* "
+        "is its wall time minus its CPU time during training, per step: time it waited for the GIL (or for a "
+        "core, when another process ran). *Close* is "
+        "`on_train_end` until `fit` returns (plus `wandb.finish()` for Lightning's `WandbLogger`, which leaves "
+        "its run open). See `benchmarks/step_overhead.py`.",
+        "",
+    ]
+    base = [r for r in rows if r["config"] == "none"]
+    if base and len(base[0]["repeat_medians"]) > 1:
+        spread = ", ".join(
+            f"{r['workload']} K={r['k']}: {min(r['repeat_medians']):,.0f}-{max(r['repeat_medians']):,.0f} µs"
+            for r in base
+        )
+        out += [f"Noise floor: `none` ran {len(base[0]['repeat_medians'])} times (at the start of each repeat and "
+                f"after every few configurations; its steps are pooled); the medians of its runs ranged {spread}.",
+                ""]
+    out += [
+        "| configuration | workload | K | median µs | p99 µs | overhead µs | overhead | mean overhead µs "
+        "| p99 overhead µs | vs Lightning | close ms | other threads CPU µs/step | training thread waiting µs/step |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        frac = r.get("fraction_of_peer")
+        vs = f"{100 * frac:.1f}%" if frac is not None else "-"
+        out.append(
+            f"| {r['label']} | {r['workload']} | {r['k']} | {_f(r['median'], 0)} | {_f(r['p99'], 0)} "
+            f"| {_f(r.get('overhead_us'), 0)} | {_f(r.get('overhead_pct'))}% | {_f(r.get('mean_overhead_us'), 0)} "
+            f"| {_f(r.get('p99_overhead_us'), 0)} | {vs} | {_f(r['close_ms'])} | {_f(r['bg_cpu_us_per_step'], 0)} "
+            f"| {_f(r.get('main_wait_us_per_step'), 0)} |"
+        )
+    pairs = [r for r in rows if r.get("peer")]
+    if pairs:
+        out += [
+            "",
+            "### expbus against Lightning's loggers, same backends",
+            "",
+            "| backends | workload | K | Lightning overhead µs | expbus overhead µs | expbus / Lightning "
+            "| mean overhead µs (Lightning / expbus) | close ms (Lightning / expbus) |",
+            "|---|---|---:|---:|---:|---:|---|---|",
+        ]
+        by_key = {(r["config"], r["workload"], r["k"]): r for r in rows}
+        for r in pairs:
+            peer = by_key[(r["peer"], r["workload"], r["k"])]
+            frac = r.get("fraction_of_peer")
+            backends = r["config"].split(":", 1)[1]
+            shown = f"{100 * frac:.1f}%" if frac is not None else "-"
+            out.append(
+                f"| {backends} | {r['workload']} | {r['k']} | {_f(peer['overhead_us'], 0)} | {_f(r['overhead_us'], 0)} "
+                f"| {shown} | {_f(peer['mean_overhead_us'], 0)} / {_f(r['mean_overhead_us'], 0)} "
+                f"| {_f(peer['close_ms'])} / {_f(r['close_ms'])} |"
+            )
+    threads = [r for r in rows if r["config"] in ("L:all", "E:all", "E:journal") and r["bg_threads"]]
+    if threads:
+        out += [
+            "",
+            "### CPU of the other threads, by thread (µs per step)",
+            "",
+            "| configuration | workload | K | threads |",
+            "|---|---|---:|---|",
+        ]
+        for r in threads:
+            parts = ", ".join(f"{name} {us:,.0f}" for name, us in r["bg_threads"].items() if us >= 0.5)
+            out.append(f"| {r['label']} | {r['workload']} | {r['k']} | {parts or '-'} |")
+    out.append("")
+    return out
+
+
+def _memory_section(res: dict[str, Any]) -> list[str]:
+    p = res["params"]
+    out = [
+        "## Memory with a stalled sink (peak RSS growth)",
+        "",
+        f"{p['events']:,} `Metrics` events (K={p['k']}, a new values dict each, as the bridge publishes) into a bus "
+        f"whose only sink hangs in `write`, under the default policy with `queue_size={p['queue_size']:,}`; the "
+        f"bound is the queue size times the {p['bytes_per_event']:.0f} bytes one queued event holds (tracemalloc). "
+        "Peak RSS (`VmHWM`) against the RSS before the first publish, each pattern in a fresh process. `paced`: "
+        "250 events then a 1 ms sleep (the bus keeps up); `burst`: one tight loop (the publisher outruns the "
+        "bus thread and the ingress, which has no bound, grows too). *At fill*: RSS growth when the queue had "
+        "just filled (paced only). See `benchmarks/memory_growth.py`.",
+        "",
+        "| publishing | events | queue bound | bound MB | RSS growth at fill MB | peak RSS growth MB | growth / bound "
+        "| dropped while stalled | delivered after release |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in res["rows"]:
+        fill = r.get("growth_at_fill_mb")
+        out.append(
+            f"| {r['mode']} | {r['events']:,} | {r['queue_size']:,} | {r['bound_mb']:.1f} "
+            f"| {f'{fill:.1f}' if fill is not None else '-'} | {r['growth_mb']:.1f} "
+            f"| {r['growth_vs_bound']:.2f}x | {r['dropped_while_stalled']:,} | {r['delivered_after_release']:,} |"
+        )
+    out.append("")
+    return out
+
+
+def _import_section(res: dict[str, Any]) -> list[str]:
+    out = [
+        "## Import time",
+        "",
+        f"`python -X importtime -c ...` in fresh interpreters, {res['params']['repeats']} each: the summed "
+        "cumulative time of the measured package's top-level imports (median, min-max), and the interpreter's "
+        "wall time from start to exit. See `benchmarks/import_time.py`.",
+        "",
+        "| import | median ms | min-max ms | interpreter wall ms |",
+        "|---|---:|---|---:|",
+    ]
+    for r in res["rows"]:
+        out.append(f"| {r['label']} | {r['import_ms']:.1f} | {r['import_ms_min']:.1f}-{r['import_ms_max']:.1f} "
+                   f"| {r['wall_ms']:,.0f} |")
+    out.append("")
+    return out
+
+
 def _checks_section(results: dict[str, dict[str, Any] | None], errors: dict[str, str]) -> list[str]:
     out = ["## Data-arrival checks", "", "| benchmark | checks | passed | failed |", "|---|---:|---:|---:|"]
     failed: list[str] = []
@@ -202,7 +349,8 @@ def _checks_section(results: dict[str, dict[str, Any] | None], errors: dict[str,
         out.append("")
         out += [f"- {line}" for line in failed]
     else:
-        out.append(f"{ALL_PASSED} (jsonl lines, journal records and sink counters read back after `flush()`.)")
+        out.append(f"{ALL_PASSED} (every backend read back: CSV rows, TensorBoard scalars, MLflow metric history, "
+                   "W&B offline run records, jsonl and DLLogger lines, journal records; sink counters.)")
     out.append("")
     return out
 
@@ -212,8 +360,9 @@ def render(
     env: dict[str, str],
     command: str,
     errors: dict[str, str] | None = None,
+    source: str = "",
 ) -> str:
-    """The whole report as markdown."""
+    """The whole report as markdown (``source``: where it will be written, named in the summary)."""
     errors = errors or {}
     ok = all(res is not None and res["ok"] for res in results.values())
     out = [
@@ -222,11 +371,21 @@ def render(
         f"Command: `{command}`. Status: " + ("all data-arrival checks passed." if ok else "**FAILED**."),
         "Times are measured on this machine only; they are never asserted by the tests.",
         "",
+        "## Summary",
+        "",
+        *summary_lines({k: v for k, v in results.items() if v is not None}, env, source, "--quick" in command),
+        "",
     ]
+    if results.get("step_overhead") is not None:
+        out += _step_section(results["step_overhead"])  # type: ignore[arg-type]
     if results.get("publish_overhead") is not None:
         out += _publish_section(results["publish_overhead"])  # type: ignore[arg-type]
     if results.get("drain_throughput") is not None:
         out += _drain_section(results["drain_throughput"])  # type: ignore[arg-type]
+    if results.get("memory_growth") is not None:
+        out += _memory_section(results["memory_growth"])  # type: ignore[arg-type]
+    if results.get("import_time") is not None:
+        out += _import_section(results["import_time"])  # type: ignore[arg-type]
     out += _checks_section(results, errors)
     out += ["## Environment", "", "| | |", "|---|---|"]
     out += [f"| {key} | {value} |" for key, value in env.items()]

@@ -29,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     journal = commands.add_parser("journal", help="summarise a journal (a journal file or a run directory)")
     journal.add_argument("path", metavar="PATH")
     journal.set_defaults(func=_journal)
+    from expbus._cli_bench import add_bench_parser
+
+    add_bench_parser(commands)
     return parser
 
 

@@ -1,6 +1,7 @@
 """Smoke test of ``python -m benchmarks --quick``: it runs, reports every row, and the data arrived.
 
-Only the shape of the report and the data-arrival checks are asserted, never a time.
+Only the shape of the report and the data-arrival checks are asserted, never a time. The
+README table generator is tested on synthetic files (markers present, missing, out of order).
 """
 
 from __future__ import annotations
@@ -24,25 +25,53 @@ PUBLISH_ROWS = [
     "build `Metrics(time=time.time(), step=i, values=v)`, K=10",
     "build `Metrics(time=now(), step=i, values=v)`, K=1",
 ]
-DRAIN_SETUPS = ["journal only", "jsonl + journal", "jsonl, no journal", "memory (ceiling)"]
+DRAIN_SETUPS = [
+    "journal only", "jsonl + journal", "jsonl, no journal", "memory (ceiling)",
+    "tensorboard + journal", "csv + journal", "dllogger + journal", "mlflow (sqlite) + journal",
+]
+# The --quick step-overhead matrix: configuration label x workload x K.
+STEP_CONFIGS = ["no logging", "Lightning: CSV + TB + MLflow + W&B", "expbus: CSV + TB + MLflow + W&B + jsonl + dllogger"]
+STEP_WORKLOADS = ["a", "b"]
+STEP_KS = [1, 10]
+TARGETS = [
+    "Workload (a), all backends on",
+    "Workload (b), all backends on",
+    "`publish()`",
+    "Drain through the bus (journal on) into jsonl",
+    "Drain through the bus (journal on) into tensorboard",
+    "Stalled sink",
+]
+BENCHMARKS = ["step_overhead", "publish_overhead", "drain_throughput", "memory_growth", "import_time"]
 
 
 def _cells(line: str) -> list[str]:
     return [cell.strip() for cell in line.strip().strip("|").split("|")]
 
 
-@pytest.mark.slow
-def test_quick_benchmark_run_writes_a_complete_report(tmp_path: Path) -> None:
-    out = tmp_path / "report.md"
+def _env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def _check_row(lines: list[str], name: str) -> None:
+    rows = [line for line in lines if line.startswith(f"| {name} |")]
+    assert len(rows) == 1, f"no single data-arrival row for {name}"
+    _, _, total, passed, failed, _ = (cell.strip() for cell in rows[0].split("|"))
+    assert int(total) > 0 and passed == total and failed == "0", rows[0]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_quick_benchmark_run_writes_a_complete_report(tmp_path: Path) -> None:
+    out = tmp_path / "report.md"
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks", "--quick", "--out", str(out)],
         cwd=REPO_ROOT,
-        env=env,
+        env=_env(),
         capture_output=True,
         text=True,
-        timeout=90,
+        timeout=380,
     )
     assert proc.returncode == 0, f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
     assert out.exists(), "the report was not written to --out"
@@ -53,10 +82,34 @@ def test_quick_benchmark_run_writes_a_complete_report(tmp_path: Path) -> None:
     assert "All data-arrival checks passed." in text
     assert "FAILED" not in text
     assert "| publish_overhead | 7 | 7 | 0 |" in lines
-    check_rows = [line for line in lines if line.startswith("| drain_throughput |")]
-    assert len(check_rows) == 1
-    _, _, total, passed, failed, _ = (cell.strip() for cell in check_rows[0].split("|"))
-    assert int(total) > 0 and passed == total and failed == "0"
+    for name in BENCHMARKS:
+        _check_row(lines, name)
+
+    # The summary: between its markers, the headline table and one row per target.
+    assert text.count("<!-- summary:start -->") == 1 and text.count("<!-- summary:end -->") == 1
+    summary = text.split("<!-- summary:start -->")[1].split("<!-- summary:end -->")[0]
+    for workload in ("(a) ~2 ms GIL-releasing step", "(b) Python-bound tiny step"):
+        for k in STEP_KS:
+            assert any(line.startswith(f"| {workload} | {k} |") for line in summary.splitlines()), (workload, k)
+    for target in TARGETS:
+        rows = [line for line in summary.splitlines() if line.startswith(f"| {target}")]
+        assert len(rows) == 1, f"no single target row for {target!r}"
+        assert _cells(rows[0])[-1] in ("met", "**missed**"), rows[0]
+
+    # The step-overhead table (13 columns): every configuration x workload x K, with a number in it.
+    for label in STEP_CONFIGS:
+        for workload in STEP_WORKLOADS:
+            for k in STEP_KS:
+                rows = [_cells(line) for line in lines if line.startswith(f"| {label} | {workload} | {k} |")]
+                rows = [cells for cells in rows if len(cells) == 13]
+                assert len(rows) == 1, f"no single step row for {label!r} {workload} K={k}"
+                float(rows[0][3].replace(",", ""))  # median µs is a number
+
+    # Memory and import tables.
+    for mode in ("paced", "burst"):
+        assert sum(line.startswith(f"| {mode} | 100,000 |") for line in lines) == 1, mode
+    assert any(line.startswith("| `import expbus` |") for line in lines)
+    assert any(line.startswith("| `from expbus import BridgeCallback`") for line in lines)
 
     # The publish-overhead table: one row per variant, with numbers in it.
     for label in PUBLISH_ROWS:
@@ -80,5 +133,69 @@ def test_quick_benchmark_run_writes_a_complete_report(tmp_path: Path) -> None:
     assert len(burst) == 1
 
     # The environment section names the versions and the machine.
-    for key in ("python", "expbus", "msgspec", "anyio", "platform", "CPU count", "CPU model"):
+    for key in ("python", "expbus", "msgspec", "anyio", "torch", "lightning", "platform", "CPU count", "CPU model"):
         assert any(line.startswith(f"| {key} |") for line in lines), key
+    assert any(line.startswith("| load average (1 min) after each benchmark |") for line in lines)
+
+
+# -- the README table generator -------------------------------------------------------------------
+def _results_file(directory: Path, name: str, body: str) -> Path:
+    path = directory / name
+    path.write_text(f"# run\n\n<!-- summary:start -->\n{body}\n<!-- summary:end -->\n\nmore\n", encoding="utf-8")
+    return path
+
+
+def _readme_table(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "benchmarks.readme_table", *args], cwd=REPO_ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_readme_table_replaces_the_text_between_the_markers(tmp_path: Path) -> None:
+    results = _results_file(tmp_path, "2026-11-28-host.md", "| a | b |\n|---|---|\n| 1 | 2 |")
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- bench:start -->\nold table\n<!-- bench:end -->\noutro\n", encoding="utf-8")
+    proc = _readme_table("--results", str(results), "--readme", str(readme))
+    assert proc.returncode == 0, proc.stderr
+    text = readme.read_text(encoding="utf-8")
+    assert "old table" not in text and "| 1 | 2 |" in text
+    assert text.startswith("intro\n<!-- bench:start -->") and text.endswith("<!-- bench:end -->\noutro\n")
+    assert _readme_table("--results", str(results), "--readme", str(readme), "--check").returncode == 0
+    readme.write_text(text.replace("| 1 | 2 |", "| 9 | 9 |"), encoding="utf-8")
+    assert _readme_table("--results", str(results), "--readme", str(readme), "--check").returncode == 1
+
+
+@pytest.mark.parametrize(
+    ("readme_text", "message"),
+    [
+        ("no markers at all\n", "<!-- bench:start --> is missing"),
+        ("<!-- bench:start -->\nx\n", "<!-- bench:end --> is missing"),
+        ("<!-- bench:end -->\nx\n<!-- bench:start -->\n", "comes before"),
+        ("<!-- bench:start --><!-- bench:start --><!-- bench:end -->", "appears 2 times"),
+    ],
+)
+def test_readme_table_fails_clearly_without_its_markers(tmp_path: Path, readme_text: str, message: str) -> None:
+    results = _results_file(tmp_path, "2026-11-28-host.md", "| a |")
+    readme = tmp_path / "README.md"
+    readme.write_text(readme_text, encoding="utf-8")
+    proc = _readme_table("--results", str(results), "--readme", str(readme))
+    assert proc.returncode == 2
+    assert message in proc.stderr and str(readme) in proc.stderr
+    assert readme.read_text(encoding="utf-8") == readme_text  # nothing written
+
+
+def test_readme_table_fails_clearly_when_the_results_have_no_summary(tmp_path: Path) -> None:
+    results = tmp_path / "2026-11-28-host.md"
+    results.write_text("# an old report without a summary\n", encoding="utf-8")
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- bench:start -->\n<!-- bench:end -->\n", encoding="utf-8")
+    proc = _readme_table("--results", str(results), "--readme", str(readme))
+    assert proc.returncode == 2
+    assert "<!-- summary:start --> is missing" in proc.stderr
+
+
+def test_latest_results_picks_the_latest_date(tmp_path: Path) -> None:
+    from benchmarks.readme_table import latest_results
+
+    for name in ("2026-11-27-b.md", "2026-11-28-a.md", "2025-12-31-z.md", "notes.md"):
+        _results_file(tmp_path, name, "x")
+    assert latest_results(tmp_path).name == "2026-11-28-a.md"

@@ -1,0 +1,250 @@
+"""How much memory a stalled sink can cost: peak RSS growth over 1M events against the queue bound.
+
+What it measures
+    A fresh bus (journal on, in a temp dir) with one sink whose ``write`` blocks until it is
+    released (a hung backend), under the default policy (``when_full="drop_newest"``) with
+    ``queue_size=Q``. 1,000,000 ``Metrics`` events, each built as the bridge builds one (a new
+    dict of K=10 float values, a new step), are published, and the peak resident set size
+    (``VmHWM``, reset through ``/proc/self/clear_refs`` before the run where the kernel allows)
+    is compared with the RSS before the first publish. Two publishing patterns:
+
+    * ``paced``: 250 events, then a 1 ms sleep, and so on (about 150k events/s, still far
+      beyond any training loop): the bus keeps up, so what grows is the stalled sink's queue.
+      The RSS is also read once the queue has just filled (nothing dropped yet), which splits
+      the growth into the queued events themselves and what dropping 900k more adds;
+    * ``burst``: the 1M events in one tight loop: the publisher outruns the bus thread, so
+      the ingress (which has no bound: ``publish`` never waits) grows as well.
+
+    The bound in MB is ``Q`` times the bytes one queued event holds, measured with
+    ``tracemalloc`` over 20,000 events built the same way (the event, its dict, keys shared,
+    float values).
+
+Data arrival
+    While stalled, the sink's queue must stay at ``Q`` and every other event must be counted as
+    dropped; after the sink is released and the bus closed, delivered + dropped must equal the
+    events published, the sink must have received exactly the delivered events, and the
+    journal must hold every event (it never drops). A failed check exits with status 1.
+
+Run alone: ``python -m benchmarks.memory_growth [--quick] [--json-out F]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import tracemalloc
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from benchmarks._common import Checks, emit
+from benchmarks.report import REPO_ROOT
+from expbus.bus import Bus, Event, JournalReader, Metrics, SinkPolicy
+
+K = 10
+PACE = 250  # events per 1 ms sleep in the paced pattern (about 150k events/s on a 2-core VM)
+NAMES = [f"train/metric_{i:03d}" for i in range(K)]
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status", encoding="ascii") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class StalledSink:
+    """A sink whose ``write`` blocks until :meth:`release` (a hung backend); counts what it got."""
+
+    def __init__(self) -> None:
+        self.received = 0
+        self._go = threading.Event()
+
+    def write(self, batch: Sequence[Event]) -> None:
+        self._go.wait()
+        self.received += len(batch)
+
+    def release(self) -> None:
+        self._go.set()
+
+
+def _event(i: int, t0: float) -> Metrics:
+    v = float(i)
+    return Metrics(time=t0 + i * 1e-3, step=i, epoch=0, values={name: v + j for j, name in enumerate(NAMES)})
+
+
+def bytes_per_event(n: int = 20_000) -> float:
+    """Bytes one queued event holds (tracemalloc over ``n`` events kept alive)."""
+    gc.collect()
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    t0 = time.time()
+    kept = [_event(i, t0) for i in range(n)]
+    after = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    del kept
+    # The list holding them costs 8 bytes per event; the sink's deque costs about the same.
+    return (after - before) / n
+
+
+def _one(mode: str, n: int, queue_size: int, tmp: Path, checks: Checks) -> dict[str, Any]:
+    run_dir = tmp / f"run-{mode}"
+    sink = StalledSink()
+    policy = SinkPolicy(queue_size=queue_size, when_full="drop_newest", write_timeout=3600.0)
+    bus = Bus(run_dir=run_dir)
+    bus.add_sink("stalled", sink, policy)
+    bus.open()
+    t0 = time.time()
+    gc.collect()
+    time.sleep(0.2)
+    reset = _reset_peak()
+    rss0 = _status_kb("VmRSS")
+    hwm0 = _status_kb("VmHWM")
+    rss_at_fill = 0
+    publish = bus.publish
+    start = time.perf_counter()
+    if mode == "burst":
+        for i in range(n):
+            publish(_event(i, t0))
+    else:
+        fill_at = queue_size + 2 * policy.batch_size
+        for chunk in range(0, n, PACE):
+            for i in range(chunk, min(n, chunk + PACE)):
+                publish(_event(i, t0))
+            time.sleep(0.001)
+            if chunk < fill_at <= chunk + PACE:
+                time.sleep(0.05)  # the bus catches up: the queue is full, nothing dropped yet
+                rss_at_fill = _status_kb("VmRSS")
+    published_s = time.perf_counter() - start
+    # Wait until the bus has taken every event: queued + dropped + the batch inside the hung write.
+    deadline = time.monotonic() + 300
+    batch = policy.batch_size
+    while time.monotonic() < deadline:
+        h = bus.stats()["stalled"]
+        if h.dropped + h.queue_depth >= n - batch and not bus._ingress and not bus._pending:
+            break
+        time.sleep(0.02)
+    drained_s = time.perf_counter() - start
+    time.sleep(0.1)
+    stalled = bus.stats()["stalled"]
+    hwm = _status_kb("VmHWM")
+    rss = _status_kb("VmRSS")
+    in_write = n - stalled.dropped - stalled.queue_depth
+    checks.check(f"{mode}: queue held at the bound", stalled.queue_depth == queue_size,
+                 f"queue depth {stalled.queue_depth} (bound {queue_size}), in the hung write {in_write}")
+    checks.check(f"{mode}: excess dropped", stalled.dropped == n - queue_size - in_write and 0 < in_write <= batch,
+                 f"dropped {stalled.dropped} of {n} while stalled")
+    sink.release()
+    closed = bus.close(timeout=120.0)
+    final = bus.stats()["stalled"]
+    checks.check(f"{mode}: close", closed, f"bus.close() returned {closed}")
+    checks.expect_equal(f"{mode}: accounting", final.delivered + final.dropped, n, "delivered+dropped")
+    checks.expect_equal(f"{mode}: sink received", sink.received, final.delivered, "sink received vs delivered")
+    reader = JournalReader(run_dir)
+    records = sum(1 for _ in reader)
+    checks.check(f"{mode}: journal", records == n and reader.skipped_bytes == 0,
+                 f"journal records {records}/{n}, skipped_bytes={reader.skipped_bytes}")
+    return {
+        "mode": mode,
+        "events": n,
+        "queue_size": queue_size,
+        "peak_reset": reset,
+        "rss_before_mb": rss0 / 1024,
+        "hwm_before_mb": hwm0 / 1024,
+        "peak_mb": hwm / 1024,
+        "rss_after_mb": rss / 1024,
+        "growth_mb": (hwm - rss0) / 1024,
+        "growth_at_fill_mb": (rss_at_fill - rss0) / 1024 if rss_at_fill else None,
+        "publish_s": published_s,
+        "drain_s": drained_s,
+        "dropped_while_stalled": stalled.dropped,
+        "delivered_after_release": final.delivered,
+    }
+
+
+def _run_mode(mode: str, n: int, queue_size: int, tmp: Path) -> dict[str, Any]:
+    """One publishing pattern, in this process (call it in a fresh one)."""
+    checks = Checks()
+    row = _one(mode, n, queue_size, tmp, checks)
+    return {"row": row, "checks": checks.items}
+
+
+def run(n: int, queue_size: int, tmp: Path) -> dict[str, Any]:
+    """Both publishing patterns, each in a fresh interpreter (freed memory is not returned to the OS)."""
+    checks = Checks()
+    per_event = bytes_per_event()
+    bound_mb = per_event * queue_size / 2**20
+    rows = []
+    for mode in ("paced", "burst"):
+        out = tmp / f"{mode}.json"
+        cmd = [sys.executable, "-m", "benchmarks.memory_growth", "--mode", mode, "--events", str(n),
+               "--queue-size", str(queue_size), "--json-out", str(out)]
+        proc = subprocess.run(cmd, cwd=REPO_ROOT, env=_env(), timeout=600, stdout=subprocess.DEVNULL)
+        if not out.exists():
+            checks.check(f"{mode}: ran", False, f"exit status {proc.returncode}, no result")
+            continue
+        part = json.loads(out.read_text(encoding="utf-8"))
+        checks.items.extend(part["checks"])
+        row = part["row"]
+        row["bound_mb"] = bound_mb
+        row["growth_vs_bound"] = row["growth_mb"] / bound_mb
+        rows.append(row)
+        print(f"  {mode:<6} {n:,} events, queue bound {queue_size:,} ({bound_mb:.1f} MB): peak RSS growth "
+              f"{row['growth_mb']:.1f} MB ({row['growth_vs_bound']:.2f}x the bound)", file=sys.stderr, flush=True)
+    return {
+        "benchmark": "memory_growth",
+        "params": {"events": n, "queue_size": queue_size, "k": K, "bytes_per_event": per_event, "bound_mb": bound_mb},
+        "rows": rows,
+        "checks": checks.items,
+        "ok": checks.ok,
+    }
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.memory_growth", description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=1_000_000, help="events published (default 1M)")
+    parser.add_argument("--queue-size", type=int, default=100_000, help="the sink's queue bound (default 100000)")
+    parser.add_argument("--quick", action="store_true", help="100k events, queue bound 10k")
+    parser.add_argument("--mode", choices=["paced", "burst"], help=argparse.SUPPRESS)
+    parser.add_argument("--json-out", help="write the result as JSON here (default: stdout)")
+    args = parser.parse_args(argv)
+    n, q = (100_000, 10_000) if args.quick else (args.events, args.queue_size)
+    if args.mode:
+        with tempfile.TemporaryDirectory(prefix="expbus-bench-mem-") as tmp:
+            emit(_run_mode(args.mode, n, q, Path(tmp)), args.json_out)
+        return 0
+    print(f"memory_growth: {n:,} events, queue bound {q:,}", file=sys.stderr)
+    with tempfile.TemporaryDirectory(prefix="expbus-bench-mem-") as tmp:
+        result = run(n, q, Path(tmp))
+    emit(result, args.json_out)
+    if not result["ok"]:
+        print("memory_growth: DATA-ARRIVAL CHECK FAILED", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
