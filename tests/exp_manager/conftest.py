@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,8 +17,22 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from expbus.trainer_bridge.exp_manager._dirs import ENV_VERSION, detach_log_files
 
-SHARED = Path(__file__).resolve().parents[3] / "shared"
-NEMO_CONFIGS = SHARED / "nemo_configs"
+
+def _register_test_models() -> None:
+    """Make ``_models.py`` importable as ``exp_manager_test_models`` (test files cannot import each other here).
+
+    The name must not start with ``expbus``: warnings from ``expbus*`` modules fail the tests.
+    """
+    name = "exp_manager_test_models"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("_models.py"))
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+
+
+_register_test_models()
 
 
 class TinyModel(pl.LightningModule):

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
+import exp_manager_test_models as M  # registered by conftest.py
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -15,19 +14,6 @@ import torch
 from expbus.trainer_bridge.exp_manager._errors import NotFoundError
 from expbus.trainer_bridge.exp_manager._resume import check_resume
 
-
-def _load_models() -> Any:
-    name = "exp_manager_test_models"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("_models.py"))
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-M = _load_models()
 pytestmark = [pytest.mark.filterwarnings(w) for w in M.QUIET]
 
 
