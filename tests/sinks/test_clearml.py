@@ -27,7 +27,6 @@ from expbus.bus import (
     Timing,
 )
 from expbus.sinks import ConfigError, create_sink, load_config
-from expbus.sinks._optional import MissingClientError
 from expbus.sinks.clearml import ClearMLSink, OfflineSession, split_title_series
 from expbus.sinks.clearml import read_offline_sessions as _read_sessions
 from expbus.sinks.contract import SinkContract
@@ -313,13 +312,6 @@ def test_offline_unless_a_server_is_configured(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.delenv("CLEARML_OFFLINE_MODE")
     monkeypatch.setattr(defs, "get_active_config_file", lambda: "/home/u/clearml.conf")
     assert ClearMLSink()._resolve_offline() is False
-
-
-# -- (4) the client is missing ------------------------------------------------------------
-def test_missing_client_names_the_extra(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "clearml", None)
-    with pytest.raises(MissingClientError, match=r"pip install 'expbus\[clearml\]'"):
-        ClearMLSink().open(context(run_dir))
 
 
 # -- (5) options --------------------------------------------------------------------------

@@ -36,7 +36,6 @@ from expbus.bus import (
     TransientSinkError,
 )
 from expbus.sinks import ConfigError, create_sink, load_config
-from expbus.sinks._optional import MissingClientError
 from expbus.sinks.contract import SinkContract
 from expbus.sinks.mlflow import MlflowSink, is_transient_error, sanitize_name
 
@@ -702,12 +701,6 @@ def test_renamed_metrics_and_prefix(tmp_path: Path, store_uri: str, caplog: pyte
 
 
 # -- configuration ------------------------------------------------------------------------
-def test_missing_client_names_the_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "mlflow", None)
-    with pytest.raises(MissingClientError, match=r"pip install 'expbus\[mlflow\]'"):
-        MlflowSink(tracking_uri="sqlite:////nonexistent/m.db").open(context(tmp_path))
-
-
 @pytest.mark.parametrize(
     ("options", "message"),
     [

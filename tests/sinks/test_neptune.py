@@ -29,7 +29,6 @@ from expbus.bus import (
     TransientSinkError,
 )
 from expbus.sinks import ConfigError, create_sink, load_config
-from expbus.sinks._optional import MissingClientError
 from expbus.sinks.contract import SinkContract
 from expbus.sinks.neptune import (
     NeptuneSink,
@@ -391,13 +390,6 @@ def test_with_id_offline_is_an_error(run_dir: Path) -> None:
         NeptuneSink(mode="offline", with_id="X-1")
     with pytest.raises(ValueError, match="needs a Neptune server"):
         NeptuneSink(with_id="X-1").open(context(run_dir))  # nothing configured: offline
-
-
-# -- (4) the client is missing ------------------------------------------------------------
-def test_missing_client_names_the_extra(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "neptune", None)
-    with pytest.raises(MissingClientError, match=r"pip install 'expbus\[neptune\]'"):
-        NeptuneSink().open(context(run_dir))
 
 
 # -- (5) options --------------------------------------------------------------------------

@@ -6,7 +6,6 @@ import json
 import math
 import os
 import random
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -39,7 +38,6 @@ from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
 from tensorboard.summary.writer.record_writer import RecordWriter
 from tensorboard.util import tensor_util
 
-from expbus.sinks._optional import MissingClientError
 from expbus.sinks.tensorboard import TensorBoardSink, _Framer
 
 PARAMS: dict[str, Any] = {
@@ -348,12 +346,6 @@ def test_bulk_framing_matches_tensorboards_record_writer() -> None:
 
 
 # -- (4) no client ---------------------------------------------------------------------------
-def test_missing_client_names_the_extra(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setitem(sys.modules, "tensorboard", None)
-    with pytest.raises(MissingClientError, match=r"expbus\[tensorboard\]"):
-        TensorBoardSink().open(SinkContext(sink_id="tb", run_dir=tmp_path, run_id="r"))
-
-
 # -- (5) bad options -------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("options", "where"),
