@@ -5,6 +5,7 @@ Imports msgspec, anyio and the standard library only: no torch, Lightning or bac
 
 from ._bus import Bus
 from ._codec import from_json, from_msgpack, resolve_event, resolve_value, to_builtins, to_json, to_msgpack
+from ._cursor import Cursor, CursorStore
 from ._events import (
     EVENT_TYPES,
     SCHEMA_VERSION,
@@ -21,7 +22,15 @@ from ._events import (
     now,
 )
 from ._health import JournalHealth, SinkHealth, format_health
-from ._journal import JOURNAL_NAME, JournalReader, JournalWriter, journal_segments, read_journal
+from ._journal import (
+    JOURNAL_NAME,
+    JournalReader,
+    JournalWriter,
+    count_records,
+    journal_identity,
+    journal_segments,
+    read_journal,
+)
 from ._sink import POLICY_KEYS, Sink, SinkContext, SinkOpenError, SinkPolicy, TransientSinkError
 
 __all__ = [
@@ -50,6 +59,10 @@ __all__ = [
     "JournalWriter",
     "read_journal",
     "journal_segments",
+    "count_records",
+    "journal_identity",
+    "CursorStore",
+    "Cursor",
     "JOURNAL_NAME",
     "Sink",
     "SinkContext",

@@ -32,9 +32,10 @@ from typing import Any
 import anyio
 
 from ._codec import resolve_event, to_msgpack
+from ._cursor import CursorStore
 from ._events import Event
 from ._health import JournalHealth, SinkHealth, format_health
-from ._journal import JOURNAL_NAME, JournalWriter
+from ._journal import JOURNAL_NAME, JournalReader, JournalWriter, count_records, journal_identity
 from ._runner import CloseRequest, FlushRequest, Marker, SinkRunner
 from ._sink import Sink, SinkContext, SinkOpenError, SinkPolicy
 
@@ -47,6 +48,8 @@ log = logging.getLogger("expbus.bus")
 _MAX_DRAIN = 50_000
 # Events the fan-out hands to sink queues between two yields to the loop.
 _FANOUT_SLICE = 1024
+# Position of an event the journal did not record (no journal, or it failed).
+_UNJOURNALED = -1
 
 
 def _disable_in_child(ref: weakref.ref[Bus]) -> None:
@@ -71,6 +74,17 @@ class Bus:
         global_rank: this process's rank (sinks with ``rank_zero_only`` are skipped
             on other ranks).
         world_size: number of processes in the run.
+        catch_up: at open, deliver to each sink the journal records it has not
+            acknowledged yet (its cursor in ``run_dir/.expbus/cursors``), before any new
+            event. With ``journal=False`` this replays an existing journal (``expbus replay``).
+
+    Delivery cursors: with a journal, every sink's worker saves, after each batch the sink
+    accepted, the journal position it has delivered up to. A bus opened again on the same
+    run directory (a resumed run after a crash, ``SIGKILL`` or preemption) first catches
+    each lagging sink up from the journal, then delivers new events. A sink never seen in
+    this run directory gets the whole journal (it starts at position 0). Events dropped by
+    ``drop_newest`` do not hold a cursor back; a batch that failed for good, or a disabled
+    sink, does (catch-up re-sends from there).
 
     Use it as a context manager, or call :meth:`open` and :meth:`close`::
 
@@ -91,8 +105,18 @@ class Bus:
         open_timeout: float = 120.0,
         global_rank: int = 0,
         world_size: int = 1,
+        catch_up: bool = True,
     ) -> None:
         self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.catch_up = catch_up
+        self._journal_file = self.run_dir / journal_name if self.run_dir is not None else None
+        self._cursors: CursorStore | None = None
+        if self.run_dir is not None and (journal or catch_up):
+            self._cursors = CursorStore(self.run_dir, journal_name)
+        # Each sink's cursor at open, and the lagging ones' catch-up starts (set at open).
+        self._starts: dict[str, int] = {}
+        self._catch_up: dict[str, int] = {}
+        self._catch_up_end = 0
         self.run_id = run_id or uuid.uuid4().hex
         self.global_rank = global_rank
         self.world_size = world_size
@@ -169,6 +193,7 @@ class Bus:
             return self
         if self._journal is not None:
             self._journal.open()
+        self._plan_catch_up()
         started: Future[None] = Future()
         self._thread = threading.Thread(
             target=self._thread_main, args=(started,), name="expbus-bus", daemon=True
@@ -192,6 +217,41 @@ class Bus:
 
     def __enter__(self) -> Bus:
         return self.open()
+
+    def _plan_catch_up(self) -> None:
+        """Give every sink its cursor and decide which journal range each one is missing."""
+        if self._cursors is None or self._journal_file is None:
+            return
+        if self._journal is not None:
+            end, identity = self._journal.first_position, self._journal.identity
+        elif self._journal_file.exists() or any(self._journal_file.parent.glob(f"{self._journal_file.stem}-*")):
+            end, identity = count_records(self._journal_file), journal_identity(self._journal_file)
+        else:
+            return
+        for runner in self._runners.values():
+            # Without a journal of its own the bus is replaying one: the cursor is what
+            # makes a second replay add nothing.
+            runner.cursor_store = self._cursors
+            runner.journal_identity = identity
+            cursor = self._cursors.load(runner.sink_id)
+            start = 0
+            if cursor is not None:
+                if cursor.journal != identity or cursor.position > end:
+                    log.warning("expbus sink %r: its delivery cursor (%s) does not match the journal %s "
+                                "(%d records); not catching it up", runner.sink_id, cursor,
+                                self._journal_file, end)
+                    start = end
+                else:
+                    start = cursor.position
+            runner.position = start
+            self._starts[runner.sink_id] = start
+            wanted = runner.policy.catch_up
+            if wanted is None:
+                wanted = bool(getattr(runner.sink, "catch_up", True))
+            if self.catch_up and wanted and start < end:
+                self._catch_up[runner.sink_id] = start
+                runner.catch_up_end = end
+        self._catch_up_end = end
 
     def __exit__(
         self,
@@ -250,6 +310,14 @@ class Bus:
         thread = self._thread
         if thread is not None and thread.is_alive():
             thread.join(timeout)
+
+    def catch_up_plan(self) -> dict[str, tuple[int, int]]:
+        """After :meth:`open`: ``sink id -> (cursor, journal end)`` at open, for every sink with a cursor.
+
+        A sink whose cursor is below the end is being caught up with that range (unless
+        its policy says ``catch_up: false``); empty without a journal.
+        """
+        return {sink_id: (start, self._catch_up_end) for sink_id, start in self._starts.items()}
 
     # -- health -----------------------------------------------------------------------
     def stats(self) -> dict[str, SinkHealth]:
@@ -358,25 +426,35 @@ class Bus:
                     append(pop())
             except IndexError:
                 pass
-            resolved: list[Any] = []
+            # (journal position, event or marker) pairs, in publication order.
+            resolved: list[tuple[int, Any]] = []
             payloads: list[bytes] = []
             sync_requested = False
+            # Positions are only trusted while the journal has never failed.
+            position = (journal.first_position + journal.records
+                        if journal is not None and not self._journal_errors else None)
             for item in items:
                 if isinstance(item, Marker):
                     sync_requested = True
-                    resolved.append(item)
+                    resolved.append((_UNJOURNALED, item))
                     continue
                 try:
                     event = resolve_event(item)
                 except Exception as exc:
                     self._report_unresolvable(item, exc)
                     continue
-                resolved.append(event)
                 if journal is not None:
                     try:
                         payloads.append(to_msgpack(event))
                     except Exception as exc:
                         self._report_unresolvable(event, exc)
+                        resolved.append((_UNJOURNALED, event))
+                        continue
+                if position is None:
+                    resolved.append((_UNJOURNALED, event))
+                else:
+                    resolved.append((position, event))
+                    position += 1
             if journal is not None and (payloads or sync_requested):
                 try:
                     journal.append(payloads)
@@ -386,7 +464,9 @@ class Bus:
                         journal.commit()
                 except OSError as exc:
                     self._journal_error(exc)
-            for item in resolved:
+                    # Not (reliably) written: these events hold no journal position.
+                    resolved = [(_UNJOURNALED, item) for _, item in resolved]
+            for _, item in resolved:
                 if isinstance(item, Marker):
                     item.ack(self._journal_errors == 0)  # the journal's acknowledgement
             pending.extend(resolved)
@@ -394,7 +474,35 @@ class Bus:
                 self._pending_wake.set()
             await anyio.sleep(0)
 
+    async def _deliver_catch_up(self) -> None:
+        """Feed each lagging sink the journal records it has not acknowledged, in order."""
+        lagging = [(runner, self._catch_up[runner.sink_id]) for runner in self._runners.values()
+                   if runner.sink_id in self._catch_up]
+        if not lagging or self._journal_file is None:
+            return
+        start = min(first for _, first in lagging)
+        log.info("expbus: catching up %s from the journal %s (positions %d..%d)",
+                 ", ".join(f"{r.sink_id!r} from {first}" for r, first in lagging),
+                 self._journal_file, start, self._catch_up_end)
+        reader = JournalReader(self._journal_file)
+        since_yield = 0
+        try:
+            for position, event in reader.positions(start, self._catch_up_end):
+                for runner, first in lagging:
+                    if position >= first:
+                        await runner.offer_blocking(event, position)
+                since_yield += 1
+                if since_yield >= _FANOUT_SLICE:
+                    since_yield = 0
+                    await anyio.sleep(0)
+        except OSError as exc:
+            log.error("expbus: catch-up from the journal %s stopped: %s", self._journal_file, exc)
+        if reader.skipped_bytes:
+            log.warning("expbus: the journal %s has %d unreadable bytes; catch-up skipped them",
+                        self._journal_file, reader.skipped_bytes)
+
     async def _fanout(self) -> None:
+        await self._deliver_catch_up()
         pending = self._pending
         runners = list(self._runners.values())
         since_yield = 0
@@ -408,15 +516,15 @@ class Bus:
                 # rather than filling every queue first (which would drop under drop_newest).
                 since_yield = 0
                 await anyio.sleep(0)
-            item = pending.popleft()
+            position, item = pending.popleft()
             if isinstance(item, Marker):
                 for runner in runners:
                     runner.offer_marker(item)
                 continue
             for runner in runners:
-                if not runner.offer(item):
+                if not runner.offer(item, position):
                     await runner.wait_for_space()
-                    runner.offer(item)
+                    runner.offer(item, position)
 
     def _journal_error(self, exc: OSError) -> None:
         self._journal_errors += 1

@@ -27,6 +27,10 @@ class SinkHealth(msgspec.Struct, frozen=True, kw_only=True):
         queue_depth: events waiting in the sink's queue now.
         lag_seconds: age of the oldest waiting event (0 when the queue is empty).
         last_error: the last error's text, if any.
+        caught_up: events of an earlier session this sink received from the journal
+            (catch-up at open, or ``expbus replay``).
+        position: the sink's delivery cursor: the journal position of the first event it
+            has not acknowledged (``None`` without a journal).
     """
 
     sink_id: str
@@ -39,6 +43,8 @@ class SinkHealth(msgspec.Struct, frozen=True, kw_only=True):
     queue_depth: int
     lag_seconds: float
     last_error: str | None = None
+    caught_up: int = 0
+    position: int | None = None
 
 
 class JournalHealth(msgspec.Struct, frozen=True, kw_only=True):
@@ -58,6 +64,8 @@ def format_health(health: SinkHealth) -> str:
         f" failed={health.failed} errors={health.errors} retries={health.retries}"
         f" queued={health.queue_depth} lag={health.lag_seconds:.2f}s"
     )
+    if health.caught_up:
+        line += f" caught_up={health.caught_up}"
     if health.last_error:
         line += f" last_error={health.last_error!r}"
     return line

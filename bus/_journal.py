@@ -34,7 +34,15 @@ import msgspec
 from ._codec import from_msgpack
 from ._events import SCHEMA_VERSION, Event
 
-__all__ = ["JournalWriter", "JournalReader", "read_journal", "journal_segments", "JOURNAL_NAME"]
+__all__ = [
+    "JournalWriter",
+    "JournalReader",
+    "read_journal",
+    "journal_segments",
+    "journal_identity",
+    "count_records",
+    "JOURNAL_NAME",
+]
 
 JOURNAL_NAME = "journal.msgpack"
 FORMAT_NAME = "expbus-journal"
@@ -145,24 +153,68 @@ class JournalReader:
         self.headers: list[dict[str, Any]] = []
 
     def __iter__(self) -> Iterator[Event]:
+        for _, event in self.positions():
+            yield event
+
+    def positions(self, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, Event]]:
+        """``(position, event)`` pairs, from position ``start`` up to (not including) ``stop``.
+
+        A record's *position* is its index among every intact record of the journal, over
+        all segments (records of an unknown kind count too). It is what a sink's delivery
+        cursor refers to (see :class:`~expbus.bus.CursorStore`).
+        """
+        position = 0
         for segment in journal_segments(self.path):
+            if stop is not None and position >= stop:
+                return
             scan = _scan(segment.read_bytes())
             self.skipped_bytes += scan.skipped_bytes
             if scan.header is not None:
                 self.headers.append(scan.header)
-            for payload in scan.payloads:
+            payloads = scan.payloads
+            if position + len(payloads) <= start:
+                # The whole segment lies before ``start``: nothing to decode.
+                position += len(payloads)
+                continue
+            for payload in payloads:
+                if stop is not None and position >= stop:
+                    return
+                here = position
+                position += 1
+                if here < start:
+                    continue
                 try:
                     event = from_msgpack(payload)
                 except (msgspec.DecodeError, msgspec.ValidationError):
                     self.unknown += 1
                     continue
                 self.records += 1
-                yield event
+                yield here, event
 
 
 def read_journal(path: str | os.PathLike[str]) -> list[Event]:
     """Every event of a journal (a file or a run directory), in publication order."""
     return list(JournalReader(path))
+
+
+def count_records(path: str | os.PathLike[str]) -> int:
+    """How many intact records (positions) a journal holds, over all its segments."""
+    return sum(len(_scan(segment.read_bytes()).payloads) for segment in journal_segments(path))
+
+
+def journal_identity(path: str | os.PathLike[str]) -> str | None:
+    """An id of a journal that survives appends and new segments: its first header's creation time.
+
+    A delivery cursor remembers it, so a cursor never applies to a different journal that
+    happens to live at the same path (a deleted and recreated run directory).
+    """
+    segments = journal_segments(path)
+    if not segments:
+        return None
+    header = _scan(segments[0].read_bytes()[: 64 * 1024]).header
+    if header is None:
+        return None
+    return repr(header.get("created"))
 
 
 class JournalWriter:
@@ -187,6 +239,10 @@ class JournalWriter:
         self.file_mode = file_mode
         self.path = self.base
         self.records = 0
+        # Records the journal held before this writer opened it: the position of the first
+        # record this writer appends (positions count records over all segments).
+        self.first_position = 0
+        self.identity: str | None = None
         self.bytes_written = 0
         self._file: Any = None
         self._last_sync = 0.0
@@ -199,10 +255,11 @@ class JournalWriter:
         index = 0
         append = False
         if segments:
+            scans = [_scan(segment.read_bytes()) for segment in segments]
+            self.first_position = sum(len(scan.payloads) for scan in scans)
             last = segments[-1]
             index = _segment_index(self.base, last)
-            scan = _scan(last.read_bytes())
-            if scan.clean_end and scan.header is not None:
+            if scans[-1].clean_end and scans[-1].header is not None:
                 append = True
             else:
                 index += 1
@@ -218,6 +275,7 @@ class JournalWriter:
             }
             self._file.write(_frame(msgspec.msgpack.encode(header)))
         self.sync()
+        self.identity = journal_identity(self.base)
 
     def append(self, payloads: Iterable[bytes]) -> None:
         """Write encoded events (buffered; call :meth:`commit` to hand them to the OS)."""

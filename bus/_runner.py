@@ -21,6 +21,7 @@ from typing import Any
 
 import anyio
 
+from ._cursor import CursorStore
 from ._events import Event
 from ._health import SinkHealth, SinkState
 from ._sink import SinkContext, SinkPolicy, TransientSinkError
@@ -28,6 +29,10 @@ from ._sink import SinkContext, SinkPolicy, TransientSinkError
 __all__ = ["SinkRunner", "Marker", "FlushRequest", "CloseRequest"]
 
 log = logging.getLogger("expbus.bus")
+
+# A sink whose writes are not durable on return advances its cursor when its ``flush``
+# succeeds; the worker flushes it at least this often (seconds) while it delivers.
+CURSOR_FLUSH_INTERVAL = 1.0
 
 
 class Marker:
@@ -114,6 +119,9 @@ class SinkRunner:
         self.sink = sink
         self.policy = policy
         self.queue: deque[Event | Marker] = deque()
+        # Journal positions of the queued events, in queue order (markers have none);
+        # -1 for an event the journal did not record.
+        self._positions: deque[int] = deque()
         self.events_queued = 0
         self.markers_queued = 0
         self.state: SinkState = "starting"
@@ -123,6 +131,18 @@ class SinkRunner:
         self.errors = 0
         self.retries = 0
         self.last_error: str | None = None
+        self.caught_up = 0
+        # Delivery cursor: the journal position of the first event not yet acknowledged.
+        self.cursor_store: CursorStore | None = None
+        self.journal_identity: str | None = None
+        self.position: int | None = None
+        self.catch_up_end = 0
+        self._cursor_frozen = False
+        # Highest journal position written to the sink, and whether the sink's ``write``
+        # is durable on return (else the cursor follows its ``flush``).
+        self._written_through = -1
+        self._durable = bool(getattr(sink, "durable_writes", False)) or not callable(getattr(sink, "flush", None))
+        self._last_cursor_flush = time.monotonic()
         self._reported = False
         self._consecutive_failures = 0
         self._in_flight = 0
@@ -156,6 +176,8 @@ class SinkRunner:
             queue_depth=self.events_queued,
             lag_seconds=lag,
             last_error=self.last_error,
+            caught_up=self.caught_up,
+            position=self.position,
         )
 
     # -- calling the sink -------------------------------------------------------------
@@ -200,13 +222,17 @@ class SinkRunner:
         self.state = "open"
 
     # -- the queue --------------------------------------------------------------------
-    def offer(self, event: Event) -> bool:
-        """Queue an event; False means "full, and the policy is to wait" (``block``)."""
+    def offer(self, event: Event, position: int = -1, *, block: bool = False) -> bool:
+        """Queue an event; False means "full, and the policy is to wait" (``block``).
+
+        ``position`` is the event's journal position (-1: not journaled). ``block``
+        makes a full queue answer False whatever the policy (catch-up never drops).
+        """
         if self.state != "open":
             self.dropped += 1
             return True
-        if self.events_queued >= self.policy.queue_size and event.droppable:
-            if self.policy.when_full == "drop_newest":
+        if self.events_queued >= self.policy.queue_size and (event.droppable or block):
+            if self.policy.when_full == "drop_newest" and not block:
                 self.dropped += 1
                 return True
             return False
@@ -214,6 +240,7 @@ class SinkRunner:
             self._first_arrival = time.monotonic()
             self._notify()
         self.queue.append(event)
+        self._positions.append(position)
         self.events_queued += 1
         if self.events_queued == self.policy.batch_size:
             # Only the crossing wakes the worker: it re-checks the size before it waits.
@@ -233,6 +260,11 @@ class SinkRunner:
         wake = self._wake
         if wake is not None and not wake.is_set():
             wake.set()
+
+    async def offer_blocking(self, event: Event, position: int) -> None:
+        """Queue a catch-up event, waiting for room whatever the policy (never dropped)."""
+        while not self.offer(event, position, block=True):
+            await self.wait_for_space()
 
     async def wait_for_space(self) -> None:
         """Wait until the queue has room again (``block`` policy)."""
@@ -255,7 +287,7 @@ class SinkRunner:
                 self._wake = anyio.Event()
                 await self._wake.wait()
 
-    def _take_batch(self) -> list[Event]:
+    def _take_batch(self) -> tuple[list[Event], list[int]]:
         batch: list[Event] = []
         limit = self.policy.batch_size
         q = self.queue
@@ -264,15 +296,17 @@ class SinkRunner:
             if isinstance(head, Marker):
                 break
             batch.append(q.popleft())  # type: ignore[arg-type]
+        pop_position = self._positions.popleft
+        positions = [pop_position() for _ in batch]
         self.events_queued -= len(batch)
         if q:
             self._first_arrival = time.monotonic()
         if self._space is not None and self.events_queued < self.policy.queue_size:
             self._space.set()
-        return batch
+        return batch, positions
 
     # -- delivery ---------------------------------------------------------------------
-    async def _deliver(self, batch: list[Event]) -> None:
+    async def _deliver(self, batch: list[Event], positions: list[int]) -> None:
         attempt = 0
         while True:
             try:
@@ -280,6 +314,7 @@ class SinkRunner:
             except _Hung as exc:
                 self._report("write", exc)
                 self.failed += len(batch)
+                self._cursor_frozen = True
                 self._disable(f"hung: {exc}")
                 return
             except Exception as exc:
@@ -292,6 +327,8 @@ class SinkRunner:
                     await anyio.sleep(delay)
                     continue
                 self.failed += len(batch)
+                # The cursor stays before this batch: a later catch-up or replay re-sends it.
+                self._cursor_frozen = True
                 self._consecutive_failures += 1
                 if self._consecutive_failures >= self.policy.max_consecutive_failures:
                     self._disable(f"{self._consecutive_failures} failed batches in a row")
@@ -299,7 +336,33 @@ class SinkRunner:
             else:
                 self.delivered += len(batch)
                 self._consecutive_failures = 0
+                self._advance_cursor(positions)
                 return
+
+    def _advance_cursor(self, positions: list[int]) -> None:
+        """After an acknowledged batch: count catch-up events; save the cursor if the write is durable."""
+        end = self.catch_up_end
+        if end and positions and positions[0] < end:
+            self.caught_up += sum(1 for p in positions if 0 <= p < end)
+        last = max(positions, default=-1)
+        if last > self._written_through:
+            self._written_through = last
+        if self._durable:
+            self._save_cursor(last)
+
+    def _save_cursor(self, last: int) -> None:
+        """Record that the sink holds everything up to journal position ``last``."""
+        if last < 0 or self._cursor_frozen or self.cursor_store is None:
+            return
+        if self.position is not None and last + 1 <= self.position:
+            return
+        self.position = last + 1
+        try:
+            self.cursor_store.save(self.sink_id, self.journal_identity, self.position)
+        except OSError as exc:
+            self._cursor_frozen = True
+            log.error("expbus sink %r: cannot save its delivery cursor (%s); a resumed run will not "
+                      "catch it up past position %d", self.sink_id, exc, self.position)
 
     def _disable(self, why: str) -> None:
         if self.state != "open":
@@ -316,6 +379,7 @@ class SinkRunner:
             else:
                 self.dropped += 1
         self.queue = kept
+        self._positions.clear()
         self.events_queued = 0
         if self._space is not None:
             self._space.set()
@@ -324,6 +388,8 @@ class SinkRunner:
         flusher = getattr(self.sink, "flush", None)
         if flusher is None or self.state != "open":
             return self.state == "open"
+        written = self._written_through
+        self._last_cursor_flush = time.monotonic()
         try:
             await self._call_bounded(flusher)
         except _Hung as exc:
@@ -333,6 +399,7 @@ class SinkRunner:
         except Exception as exc:
             self._report("flush", exc)
             return False
+        self._save_cursor(written)
         return True
 
     async def _close_sink(self) -> bool:
@@ -356,12 +423,15 @@ class SinkRunner:
         """The worker loop: wait for a batch, deliver it, honour markers."""
         while True:
             await self._wait()
-            batch = self._take_batch()
+            batch, positions = self._take_batch()
             if batch:
                 if self.state == "open":
                     self._in_flight = len(batch)
-                    await self._deliver(batch)
+                    await self._deliver(batch, positions)
                     self._in_flight = 0
+                    if (not self._durable and self.cursor_store is not None
+                            and time.monotonic() - self._last_cursor_flush >= CURSOR_FLUSH_INTERVAL):
+                        await self._flush_sink()
                 else:
                     self.dropped += len(batch)
             if self.queue and isinstance(self.queue[0], Marker):
@@ -385,6 +455,7 @@ class SinkRunner:
         self.dropped += self._in_flight
         self._in_flight = 0
         self.queue.clear()
+        self._positions.clear()
         self.events_queued = 0
         if self.state == "open":
             self.state = "closed"

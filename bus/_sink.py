@@ -88,6 +88,10 @@ class SinkPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
             disabled and the rest of its queue counted as dropped.
         max_consecutive_failures: failed batches in a row after which the sink is disabled.
         rank_zero_only: under several processes, only global rank 0 delivers to this sink.
+        catch_up: when a bus opens on a run directory whose journal holds events this sink
+            has not acknowledged (a resumed run after a crash), deliver them first. ``None``
+            follows the sink's own ``catch_up`` attribute (True unless the sink says
+            otherwise, as the console does: old lines on a terminal help nobody).
     """
 
     when_full: WhenFull = "drop_newest"
@@ -100,6 +104,7 @@ class SinkPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     write_timeout: float = 60.0
     max_consecutive_failures: int = 10
     rank_zero_only: bool = True
+    catch_up: bool | None = None
 
     def __post_init__(self) -> None:
         for name in ("queue_size", "batch_size"):

@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     from expbus._cli_bench import add_bench_parser
 
     add_bench_parser(commands)
+    from expbus._cli_replay import add_replay_parser
+
+    add_replay_parser(commands)
     return parser
 
 

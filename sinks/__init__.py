@@ -17,6 +17,7 @@ from ._registry import (
     resolve_sink_class,
     validate_sink_options,
 )
+from ._replay import ReplayProgress, ReplayResult, journal_run_id, replay_journal
 
 __all__ = [
     "Sink",
@@ -37,4 +38,8 @@ __all__ = [
     "create_sink",
     "resolve_sink_class",
     "validate_sink_options",
+    "replay_journal",
+    "ReplayProgress",
+    "ReplayResult",
+    "journal_run_id",
 ]

@@ -192,8 +192,12 @@ def build_bus(
     global_rank: int = 0,
     world_size: int = 1,
     extra_sinks: Mapping[str, Sink] | None = None,
+    catch_up: bool = True,
 ) -> Bus:
     """A (not yet opened) bus with every enabled sink of ``config`` plus ``extra_sinks``.
+
+    With ``catch_up`` (the default) each sink first receives the journal records of
+    ``run_dir`` it has not acknowledged yet (see :class:`expbus.bus.Bus`).
 
     Active :func:`expbus.sinks.testing.capture_events` blocks add their memory sink.
     """
@@ -207,6 +211,7 @@ def build_bus(
         open_timeout=config.bus.open_timeout,
         global_rank=global_rank,
         world_size=world_size,
+        catch_up=catch_up,
     )
     for sink_id, spec in config.sinks.items():
         if spec.get("enabled", True) is False:
@@ -218,5 +223,6 @@ def build_bus(
     from .testing import active_captures
 
     for index, capture in enumerate(active_captures()):
-        bus.add_sink(f"_capture{index}", capture, SinkPolicy(when_full="block", batch_delay=0.05))
+        # A capture sees this session's events only, never a catch-up of earlier ones.
+        bus.add_sink(f"_capture{index}", capture, SinkPolicy(when_full="block", batch_delay=0.05, catch_up=False))
     return bus

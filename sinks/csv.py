@@ -39,6 +39,10 @@ class CsvSink:
             deletes the file of a reused version directory instead.
     """
 
+    #: ``write`` hands everything to the OS before it returns, so the bus may advance this
+    #: sink's delivery cursor as soon as a batch is acknowledged (see ``expbus.bus.Bus``).
+    durable_writes = True
+
     def __init__(
         self,
         path: str = "metrics.csv",

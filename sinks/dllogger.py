@@ -53,6 +53,10 @@ class DLLoggerSink:
         append: continue an existing file (resumed runs) instead of truncating it.
     """
 
+    #: ``write`` hands everything to the OS before it returns, so the bus may advance this
+    #: sink's delivery cursor as soon as a batch is acknowledged (see ``expbus.bus.Bus``).
+    durable_writes = True
+
     def __init__(
         self,
         json_file: str | None = "./dllogger.json",
@@ -97,6 +101,9 @@ class DLLoggerSink:
                 self._log(event.time, PARAMETER_STEP, flatten_params(event.params), _DEFAULT)
             elif isinstance(event, Timing):
                 self._log(event.time, event.step, dict(event.durations), _VERBOSE)
+        if self._file is not None:
+            # One syscall per batch: a crash right after never loses a line the cursor counts.
+            self._file.flush()
 
     def flush(self) -> None:
         """Hand the lines to the OS (and flush stdout when printing)."""

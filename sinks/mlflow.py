@@ -240,6 +240,10 @@ class MlflowSink:
         **kwargs: passed to ``mlflow.MlflowClient`` (``registry_uri``, ...).
     """
 
+    #: ``write`` returns once MLflow's store has the batch, so the bus may advance this
+    #: sink's delivery cursor as soon as a batch is acknowledged (see ``expbus.bus.Bus``).
+    durable_writes = True
+
     def __init__(
         self,
         experiment_name: str | None = None,

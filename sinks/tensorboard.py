@@ -100,10 +100,10 @@ class TensorBoardSink:
             directory; ``None`` writes none.
         log_epoch: add each ``Metrics`` event's epoch as an ``epoch`` scalar (unless the event
             has a value of that name).
-        flush_secs: hand buffered records to the OS once this many seconds have passed since
-            the last flush (checked after each batch; ``SummaryWriter``'s ``flush_secs``).
-        max_queue: hand buffered records to the OS once this many are pending (checked after
-            each batch; ``SummaryWriter``'s ``max_queue``).
+        flush_secs: accepted and validated for ``SummaryWriter`` compatibility; the sink
+            hands every batch to the OS (the bus batches, and its delivery cursor must
+            never count a record a crash loses), which is at least as often.
+        max_queue: likewise accepted for ``SummaryWriter`` compatibility.
         filename_suffix: appended to the new event file's name (``SummaryWriter``'s
             ``filename_suffix``).
         purge_step: write a ``SessionLog.START`` at this step on open, so TensorBoard hides
@@ -112,6 +112,10 @@ class TensorBoardSink:
         purge_on_resume: when continuing an existing event file, write that
             ``SessionLog.START`` at the first metric or timing step of the resumed run.
     """
+
+    #: ``write`` hands everything to the OS before it returns, so the bus may advance this
+    #: sink's delivery cursor as soon as a batch is acknowledged (see ``expbus.bus.Bus``).
+    durable_writes = True
 
     def __init__(
         self,
@@ -220,7 +224,6 @@ class TensorBoardSink:
         records: list[bytes] = []
         hparams_at: int | None = None
         hparams_time = 0.0
-        finished = False
         for event in batch:
             if isinstance(event, Metrics):
                 values: Any = event.values
@@ -245,21 +248,19 @@ class TensorBoardSink:
                 if hparams_at is None:
                     hparams_at, hparams_time = len(records), event.time
             elif isinstance(event, RunFinished):
-                finished = True
                 if event.status == "completed" and (hparams_at is not None or self._state.get("hparams_logged")):
                     records.append(pb.session_end_event(event.time))
         if hparams_at is not None:
             records[hparams_at:hparams_at] = self._hparams_records(hparams_time)
         if records:
             self._append(records)
-        if hparams_at is not None:
-            if self.hparams_file:
-                assert self.log_dir is not None
-                _save_hparams_to_yaml(self.log_dir / Path(self.hparams_file).expanduser(), self.hparams)
-            # Record at once that this file has its hyperparameters (and hp_metric point).
-            self.flush()
-        elif finished or self._pending >= self.max_queue or time.monotonic() - self._last_flush >= self.flush_secs:
-            self._flush_file()
+        if hparams_at is not None and self.hparams_file:
+            assert self.log_dir is not None
+            _save_hparams_to_yaml(self.log_dir / Path(self.hparams_file).expanduser(), self.hparams)
+        # Every batch reaches the OS, and the state file records how far the event file is
+        # complete (and that it has its hyperparameters): the bus's delivery cursor then
+        # never counts a record a crash loses. One write + one small state file per batch.
+        self.flush()
 
     def flush(self) -> None:
         """Hand everything written to the OS and record how far the file is complete."""
