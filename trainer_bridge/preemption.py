@@ -32,9 +32,11 @@ class PreemptionCallback(pl.Callback):
     3. at ``fit`` end, publishes ``RunFinished(status="interrupted")`` on the bridge's
        bus and flushes every sink within ``flush_timeout`` seconds.
 
-    Under DDP, rank 0's flag is broadcast at every step so all ranks stop at the same step.
-    The process then exits as the script does after ``fit`` (status 0 for a script that
-    just returns, as NeMo's ``sys.exit(0)``); :attr:`preempted` tells the script.
+    Under DDP the ranks' flags are combined at every optimizer step (a logical OR, one
+    all-reduce of a scalar), so a signal that reaches any rank, or several ranks at
+    slightly different times, stops every rank at the same step. Every process then exits
+    as the script does after ``fit`` (status 0 for a script that just returns, as NeMo's
+    ``sys.exit(0)``); :attr:`preempted` tells the script, on every rank.
 
     Args:
         checkpoint_callback: the callback that saves ``-last``; the trainer's
@@ -87,12 +89,14 @@ class PreemptionCallback(pl.Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        """After an optimizer step: if the signal came (on rank 0), save ``-last`` and stop."""
+        """After an optimizer step: if the signal came (on any rank), save ``-last`` and stop."""
         if self.preempted or trainer.global_step == self._step_at_batch_start:
             return
         received = self._received
         if trainer.world_size > 1:
-            received = bool(trainer.strategy.broadcast(received, src=0))
+            # Any rank's signal, not only rank 0's: a launcher or scheduler may signal some ranks
+            # only (or rank 0 last), and a signal this handler swallowed must not be lost.
+            received = trainer.strategy.reduce_boolean_decision(received, all=False)
         if not received:
             return
         self.preempted = True
