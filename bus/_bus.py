@@ -193,6 +193,10 @@ class Bus:
             return self
         if self._journal is not None:
             self._journal.open()
+            for runner in self._runners.values():
+                # A full queue spills to the journal instead of dropping (see SinkRunner).
+                runner.journal_end = self._journal_end
+                runner.journal_tail = self._journal.tail
         self._plan_catch_up()
         started: Future[None] = Future()
         self._thread = threading.Thread(
@@ -217,6 +221,11 @@ class Bus:
 
     def __enter__(self) -> Bus:
         return self.open()
+
+    def _journal_end(self) -> int:
+        journal = self._journal
+        assert journal is not None
+        return journal.end_position
 
     def _plan_catch_up(self) -> None:
         """Give every sink its cursor and decide which journal range each one is missing."""

@@ -31,6 +31,8 @@ class SinkHealth(msgspec.Struct, frozen=True, kw_only=True):
             (catch-up at open, or ``expbus replay``).
         position: the sink's delivery cursor: the journal position of the first event it
             has not acknowledged (``None`` without a journal).
+        spilled: events that arrived while the sink's queue was full and were read back
+            from the journal when it drained, instead of being dropped (journal on).
     """
 
     sink_id: str
@@ -45,6 +47,7 @@ class SinkHealth(msgspec.Struct, frozen=True, kw_only=True):
     last_error: str | None = None
     caught_up: int = 0
     position: int | None = None
+    spilled: int = 0
 
 
 class JournalHealth(msgspec.Struct, frozen=True, kw_only=True):
@@ -66,6 +69,8 @@ def format_health(health: SinkHealth) -> str:
     )
     if health.caught_up:
         line += f" caught_up={health.caught_up}"
+    if health.spilled:
+        line += f" spilled={health.spilled}"
     if health.last_error:
         line += f" last_error={health.last_error!r}"
     return line

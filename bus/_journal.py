@@ -41,6 +41,7 @@ __all__ = [
     "journal_segments",
     "journal_identity",
     "count_records",
+    "JournalTail",
     "JOURNAL_NAME",
 ]
 
@@ -242,6 +243,8 @@ class JournalWriter:
         # Records the journal held before this writer opened it: the position of the first
         # record this writer appends (positions count records over all segments).
         self.first_position = 0
+        # Position of the first record of the segment being appended to (``self.path``).
+        self.segment_first_position = 0
         self.identity: str | None = None
         self.bytes_written = 0
         self._file: Any = None
@@ -261,8 +264,10 @@ class JournalWriter:
             index = _segment_index(self.base, last)
             if scans[-1].clean_end and scans[-1].header is not None:
                 append = True
+                self.segment_first_position = self.first_position - len(scans[-1].payloads)
             else:
                 index += 1
+                self.segment_first_position = self.first_position
         self.path = _segment_path(self.base, index)
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, self.file_mode)
         self._file = os.fdopen(fd, "ab", buffering=1 << 16)
@@ -276,6 +281,15 @@ class JournalWriter:
             self._file.write(_frame(msgspec.msgpack.encode(header)))
         self.sync()
         self.identity = journal_identity(self.base)
+
+    @property
+    def end_position(self) -> int:
+        """The position the next appended record will have (records over all segments)."""
+        return self.first_position + self.records
+
+    def tail(self, start: int) -> JournalTail:
+        """A reader of this writer's segment from position ``start`` on (see :class:`JournalTail`)."""
+        return JournalTail(self.path, self.segment_first_position, start)
 
     def append(self, payloads: Iterable[bytes]) -> None:
         """Write encoded events (buffered; call :meth:`commit` to hand them to the OS)."""
@@ -320,3 +334,89 @@ def _segment_index(base: Path, segment: Path) -> int:
         return 0
     suffix = segment.stem[len(base.stem) + 1 :]
     return int(suffix)
+
+
+class JournalTail:
+    """Reads the records of one segment from a position on, incrementally, as it grows.
+
+    The bus uses it to feed a sink whose queue overflowed from the journal instead of
+    keeping (or dropping) events in memory. Each :meth:`read` continues where the last one
+    stopped, so the segment is scanned once however often it is called.
+
+    Args:
+        segment: the segment file (the one a writer appends to).
+        segment_first_position: the position of the segment's first record.
+        start: the first position to return; earlier records are skipped undecoded.
+    """
+
+    _CHUNK = 1 << 20
+
+    def __init__(self, segment: Path, segment_first_position: int, start: int) -> None:
+        self.segment = segment
+        self.position = segment_first_position
+        self.start = start
+        self.damaged = False
+        self._at_file_start = True
+        self._file: Any = None
+        self._buffer = b""
+        self._cursor = 0  # read position inside _buffer
+
+    def read(self, stop: int, limit: int) -> list[tuple[int, Event]]:
+        """Up to ``limit`` ``(position, event)`` pairs with ``start <= position < stop``."""
+        out: list[tuple[int, Event]] = []
+        if self._file is None:
+            self._file = open(self.segment, "rb")
+        while len(out) < limit and self.position < stop and not self.damaged:
+            buffer, at = self._buffer, self._cursor
+            if len(buffer) - at < _HEAD_SIZE:
+                if not self._fill():
+                    break
+                continue
+            magic, length, crc = _HEAD.unpack_from(buffer, at)
+            if magic != MAGIC or length > _MAX_RECORD:
+                self.damaged = True
+                break
+            if len(buffer) - at < _HEAD_SIZE + length:
+                if not self._fill():
+                    break
+                continue
+            payload = buffer[at + _HEAD_SIZE : at + _HEAD_SIZE + length]
+            self._cursor = at + _HEAD_SIZE + length
+            first = self._at_file_start
+            self._at_file_start = False
+            if zlib.crc32(payload) != crc:
+                self.damaged = True
+                break
+            if first and _is_header(payload):
+                continue
+            here = self.position
+            self.position += 1
+            if here < self.start:
+                continue
+            try:
+                out.append((here, from_msgpack(payload)))
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                continue  # a kind this version does not know: its position is still used
+        return out
+
+    def _fill(self) -> bool:
+        chunk = self._file.read(self._CHUNK)
+        if not chunk:
+            return False
+        self._buffer = self._buffer[self._cursor :] + chunk
+        self._cursor = 0
+        return True
+
+    def close(self) -> None:
+        """Release the file."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def _is_header(payload: bytes) -> bool:
+    try:
+        decoded = msgspec.msgpack.decode(payload)
+    except msgspec.DecodeError:
+        return False
+    return isinstance(decoded, dict) and decoded.get("format") == FORMAT_NAME

@@ -24,6 +24,7 @@ import anyio
 from ._cursor import CursorStore
 from ._events import Event
 from ._health import SinkHealth, SinkState
+from ._journal import JournalTail
 from ._sink import SinkContext, SinkPolicy, TransientSinkError
 
 __all__ = ["SinkRunner", "Marker", "FlushRequest", "CloseRequest"]
@@ -143,6 +144,17 @@ class SinkRunner:
         self._written_through = -1
         self._durable = bool(getattr(sink, "durable_writes", False)) or not callable(getattr(sink, "flush", None))
         self._last_cursor_flush = time.monotonic()
+        # Spilling: when the queue is full under drop_newest and the journal is on, new events
+        # stay in the journal (nothing in memory, nothing dropped) and are read back from it
+        # as the queue drains. Set by the bus when it writes a journal.
+        self.spilled = 0
+        self.journal_end: Callable[[], int] | None = None
+        self.journal_tail: Callable[[int], JournalTail] | None = None
+        self._tail: JournalTail | None = None
+        self._spilling = False
+        # Live events below this position are (or were) read from the journal instead.
+        self._live_from = 0
+        self._held_markers: list[Marker] = []
         self._reported = False
         self._consecutive_failures = 0
         self._in_flight = 0
@@ -178,6 +190,7 @@ class SinkRunner:
             last_error=self.last_error,
             caught_up=self.caught_up,
             position=self.position,
+            spilled=self.spilled,
         )
 
     # -- calling the sink -------------------------------------------------------------
@@ -231,8 +244,16 @@ class SinkRunner:
         if self.state != "open":
             self.dropped += 1
             return True
+        if position < self._live_from and position >= 0:
+            # Spilling (or just stopped): this one is read back from the journal.
+            if self._spilling:
+                self.spilled += 1
+            return True
         if self.events_queued >= self.policy.queue_size and (event.droppable or block):
             if self.policy.when_full == "drop_newest" and not block:
+                if position >= 0 and self.journal_tail is not None and self.journal_end is not None:
+                    self._start_spilling(position)
+                    return True
                 self.dropped += 1
                 return True
             return False
@@ -247,10 +268,64 @@ class SinkRunner:
             self._notify()
         return True
 
+    def _start_spilling(self, position: int) -> None:
+        assert self.journal_tail is not None
+        self._spilling = True
+        self._live_from = 1 << 62
+        self._tail = self.journal_tail(position)
+        self.spilled += 1
+        log.info("expbus sink %r: queue full (%d events); reading further events back from the journal "
+                 "as it drains, from position %d", self.sink_id, self.policy.queue_size, position)
+        self._notify()
+
+    def _refill(self) -> None:
+        """Move spilled events from the journal into the queue, up to the queue bound."""
+        assert self._tail is not None and self.journal_end is not None
+        end = self.journal_end()
+        room = self.policy.queue_size - self.events_queued
+        try:
+            items = self._tail.read(end, max(room, 0))
+        except OSError as exc:
+            items = []
+            self._tail.damaged = True
+            self._report("journal read-back", exc)
+        if items and not self.queue:
+            self._first_arrival = time.monotonic()
+        for position, event in items:
+            self.queue.append(event)
+            self._positions.append(position)
+        self.events_queued += len(items)
+        if self._tail.damaged:
+            lost = max(0, end - self._tail.position)
+            self.dropped += lost
+            log.error("expbus sink %r: the journal could not be read back past position %d; %d events "
+                      "counted as dropped (a replay can deliver them)", self.sink_id, self._tail.position, lost)
+            self._stop_spilling(end)
+        elif self._tail.position >= end:
+            self._stop_spilling(end)
+
+    def _stop_spilling(self, end: int) -> None:
+        self._spilling = False
+        self._live_from = end
+        if self._tail is not None:
+            self._tail.close()
+            self._tail = None
+        # Markers that arrived while spilling follow everything published before them.
+        for marker in self._held_markers:
+            self.queue.append(marker)
+            self.markers_queued += 1
+        self._held_markers.clear()
+        self._notify()
+
     def offer_marker(self, marker: Marker) -> None:
         """Queue a flush/close marker behind everything already queued."""
         if self.state in ("closed", "failed_to_open"):
             marker.ack(self.state == "closed")
+            return
+        if self._spilling:
+            # Events published before it are still in the journal: it waits for them.
+            self._held_markers.append(marker)
+            self._notify()
             return
         self.queue.append(marker)
         self.markers_queued += 1
@@ -273,10 +348,15 @@ class SinkRunner:
             await self._space.wait()
 
     def _batch_ready(self) -> bool:
-        return self.markers_queued > 0 or self.events_queued >= self.policy.batch_size
+        return (self.markers_queued > 0 or self.events_queued >= self.policy.batch_size
+                or (self._spilling and bool(self._held_markers)))
 
     async def _wait(self) -> None:
         while not self.queue:
+            if self._spilling and self.state == "open":
+                self._refill()
+                if self.queue:
+                    break
             self._wake = anyio.Event()
             await self._wake.wait()
         if self._batch_ready():
@@ -381,6 +461,11 @@ class SinkRunner:
         self.queue = kept
         self._positions.clear()
         self.events_queued = 0
+        if self._spilling:
+            end = self.journal_end() if self.journal_end is not None else 0
+            position = self._tail.position if self._tail is not None else end
+            self.dropped += max(0, end - max(position, self._tail.start if self._tail else 0))
+            self._stop_spilling(end)
         if self._space is not None:
             self._space.set()
 
@@ -423,6 +508,8 @@ class SinkRunner:
         """The worker loop: wait for a batch, deliver it, honour markers."""
         while True:
             await self._wait()
+            if self._spilling and self.state == "open" and self.events_queued <= self.policy.queue_size // 2:
+                self._refill()
             batch, positions = self._take_batch()
             if batch:
                 if self.state == "open":
@@ -454,6 +541,17 @@ class SinkRunner:
         # A batch still inside a hung write was not delivered either.
         self.dropped += self._in_flight
         self._in_flight = 0
+        if self._spilling:
+            end = self.journal_end() if self.journal_end is not None else 0
+            start = self._tail.position if self._tail is not None else end
+            self.dropped += max(0, end - max(start, self._tail.start if self._tail else 0))
+            self._spilling = False
+            if self._tail is not None:
+                self._tail.close()
+                self._tail = None
+        for marker in self._held_markers:
+            marker.ack(False)
+        self._held_markers.clear()
         self.queue.clear()
         self._positions.clear()
         self.events_queued = 0

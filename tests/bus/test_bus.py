@@ -243,8 +243,20 @@ def test_write_timeout_disables_a_hung_sink(run_dir: Path) -> None:
     hung.release.set()
 
 
-def test_100k_events_with_a_blocked_sink_drop_newest(run_dir: Path) -> None:
-    blocked, good = BlockedSink(), MemorySink()
+class RecordingBlockedSink(BlockedSink):
+    """A stalled backend that keeps what it finally gets."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.events: list[Event] = []
+
+    def write(self, batch: Sequence[Event]) -> None:
+        super().write(batch)
+        self.events.extend(batch)
+
+
+def _flood_past_a_blocked_sink(run_dir: Path | None) -> tuple[Bus, RecordingBlockedSink, MemorySink]:
+    blocked, good = RecordingBlockedSink(), MemorySink()
     bus = Bus(run_dir)
     bus.add_sink("blocked", blocked, SinkPolicy(queue_size=1000, batch_size=100))
     bus.add_sink("good", good, SinkPolicy(queue_size=200_000))
@@ -269,16 +281,32 @@ def test_100k_events_with_a_blocked_sink_drop_newest(run_dir: Path) -> None:
     depth = bus.stats()["blocked"].queue_depth
     assert depth <= 1000 + 1  # bounded: queue_size (+ the never-dropped checkpoint event)
     blocked.release.set()
-    assert bus.close(10)
+    assert bus.close(30)
+    assert worst < 1.0  # publish never waited on the sink (sanity bound, not a benchmark)
     stats = bus.stats()
     assert stats["good"].delivered == 100_001 and stats["good"].dropped == 0
+    assert [type(e).__name__ for e in good.events].count("CheckpointSaved") == 1
+    return bus, blocked, good
+
+
+def test_a_full_queue_spills_to_the_journal_and_loses_nothing(run_dir: Path) -> None:
+    bus, blocked, good = _flood_past_a_blocked_sink(run_dir)
+    health = bus.stats()["blocked"]
+    # The queue stayed bounded, yet nothing was dropped: the overflow was read back from the journal.
+    assert health.dropped == 0 and health.delivered == 100_001
+    assert health.spilled > 90_000
+    journal = read_journal(run_dir)
+    assert len(journal) == 100_001
+    assert blocked.events == journal == good.events  # in order, once each
+
+
+def test_without_a_journal_a_full_queue_drops_newest(run_dir: Path) -> None:
+    bus, blocked, _ = _flood_past_a_blocked_sink(None)
+    stats = bus.stats()["blocked"]
     # every event is accounted for: delivered or counted as dropped
-    assert stats["blocked"].delivered + stats["blocked"].dropped == 100_001
-    assert stats["blocked"].dropped > 90_000
-    kinds = [type(e).__name__ for e in good.events]
-    assert kinds.count("CheckpointSaved") == 1
-    assert len(read_journal(run_dir)) == 100_001
-    assert worst < 1.0  # publish never waited on the sink (sanity bound, not a benchmark)
+    assert stats.delivered + stats.dropped == 100_001
+    assert stats.dropped > 90_000 and stats.spilled == 0
+    assert [type(e).__name__ for e in blocked.events].count("CheckpointSaved") == 1
 
 
 def test_block_policy_waits_instead_of_dropping(run_dir: Path) -> None:
@@ -298,7 +326,8 @@ def test_block_policy_waits_instead_of_dropping(run_dir: Path) -> None:
     assert stats.delivered == 5000 and stats.dropped == 0
 
 
-def test_non_droppable_events_survive_a_full_queue(run_dir: Path) -> None:
+@pytest.mark.parametrize("journal", [True, False], ids=["journal", "no-journal"])
+def test_non_droppable_events_survive_a_full_queue(run_dir: Path, journal: bool) -> None:
     blocked = BlockedSink()
     sink_events: list[Event] = []
 
@@ -308,7 +337,7 @@ def test_non_droppable_events_survive_a_full_queue(run_dir: Path) -> None:
             sink_events.extend(batch)
 
     recorder = Recorder()
-    bus = Bus(run_dir)
+    bus = Bus(run_dir, journal=journal)
     bus.add_sink("r", recorder, SinkPolicy(queue_size=10, batch_size=5))
     bus.open()
     for i in range(100):
@@ -320,7 +349,13 @@ def test_non_droppable_events_survive_a_full_queue(run_dir: Path) -> None:
     assert bus.close(10)
     kinds = [type(e).__name__ for e in sink_events]
     assert kinds[-2:] == ["Hyperparams", "RunFinished"]
-    assert bus.stats()["r"].dropped > 0
+    health = bus.stats()["r"]
+    if journal:
+        # The overflow waited in the journal: every metric arrived, in order.
+        assert health.dropped == 0 and health.spilled > 0
+        assert [e.step for e in sink_events if isinstance(e, Metrics)] == list(range(100))
+    else:
+        assert health.dropped > 0
     blocked.release.set()
 
 

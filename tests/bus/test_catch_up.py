@@ -171,3 +171,45 @@ def test_positions_span_segments_and_survive_a_torn_tail(tmp_path: Path) -> None
     pairs = list(reader.positions(8, 12))
     assert [(p, e.step) for p, e in pairs] == [(8, 8), (9, 9), (10, 10), (11, 11)]  # type: ignore[attr-defined]
     assert reader.skipped_bytes == 4
+
+
+class SlowMemorySink(MemorySink):
+    """A memory sink whose every write takes a little while (a slow backend)."""
+
+    def write(self, batch: Sequence[Event]) -> None:
+        time.sleep(0.005)
+        super().write(batch)
+
+
+def test_a_flush_while_spilling_waits_for_the_spilled_events(tmp_path: Path) -> None:
+    slow = SlowMemorySink()
+    bus = Bus(tmp_path)
+    bus.add_sink("slow", slow, SinkPolicy(queue_size=50, batch_size=10, batch_delay=0.0))
+    with bus:
+        for i in range(3000):
+            bus.publish(metrics(i))
+        assert bus.flush(60)
+        assert steps(slow.events) == list(range(3000))
+        health = bus.stats()["slow"]
+        assert health.spilled > 0 and health.dropped == 0 and health.queue_depth == 0
+        for i in range(3000, 3010):  # live again after the spill
+            bus.publish(metrics(i))
+    assert steps(slow.events) == list(range(3010))
+
+
+def test_a_close_deadline_while_spilling_counts_the_rest_and_the_next_session_catches_up(tmp_path: Path) -> None:
+    hung = HangingSink()
+    bus = Bus(tmp_path)
+    bus.add_sink("backend", hung, SinkPolicy(queue_size=100, batch_size=10, write_timeout=30))
+    bus.open()
+    for i in range(5000):
+        bus.publish(metrics(i))
+    assert bus.close(1.0) is False
+    health = bus.stats()["backend"]
+    assert health.delivered == 0 and health.dropped == 5000, health
+    hung.release.set()
+
+    healthy = MemorySink()
+    bus = run_session(tmp_path, {"backend": healthy}, 5000, 0)
+    assert steps(healthy.events) == list(range(5000))
+    assert bus.stats()["backend"].caught_up == 5000
