@@ -101,7 +101,7 @@ class Bus:
         journal: bool = True,
         journal_name: str = JOURNAL_NAME,
         fsync_interval: float = 1.0,
-        poll_interval: float = 0.005,
+        poll_interval: float = 0.05,
         open_timeout: float = 120.0,
         global_rank: int = 0,
         world_size: int = 1,
