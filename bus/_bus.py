@@ -30,6 +30,7 @@ from types import TracebackType
 from typing import Any
 
 import anyio
+import msgspec
 
 from ._codec import resolve_event, to_msgpack
 from ._cursor import CursorStore
@@ -149,7 +150,7 @@ class Bus:
             raise ValueError(f"duplicate sink id {sink_id!r}")
         if not callable(getattr(sink, "write", None)):
             raise TypeError(f"sink {sink_id!r} ({type(sink).__name__}) has no write(batch) method")
-        policy = policy or SinkPolicy()
+        policy = policy or _declared_policy(sink)
         if policy.rank_zero_only and self.global_rank != 0:
             return
         self._runners[sink_id] = SinkRunner(sink_id, sink, policy)
@@ -552,6 +553,14 @@ class Bus:
 
     def __repr__(self) -> str:
         return f"Bus(run_dir={str(self.run_dir)!r}, sinks={self.sink_ids}, state={self._state})"
+
+
+def _declared_policy(sink: Any) -> SinkPolicy:
+    """The policy a sink class declares in ``default_policy`` (a mapping of policy keys), else the bus's default."""
+    declared = getattr(type(sink), "default_policy", None)
+    if isinstance(declared, Mapping):
+        return msgspec.convert(dict(declared), SinkPolicy)
+    return SinkPolicy()
 
 
 def describe_host() -> tuple[str, int]:

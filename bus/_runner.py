@@ -216,8 +216,8 @@ class SinkRunner:
             self._reported = True
             tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
             log.error(
-                "expbus sink %r: %s failed%s (further errors are counted, summary at close)\n%s",
-                self.sink_id, what, detail, tb,
+                "expbus sink %r: %s failed%s: %s: %s (further errors are counted, summary at close)\n%s",
+                self.sink_id, what, detail, type(exc).__name__, exc, tb,
             )
 
     async def open(self, context: SinkContext) -> None:
@@ -407,6 +407,10 @@ class SinkRunner:
                     await anyio.sleep(delay)
                     continue
                 self.failed += len(batch)
+                if attempt:
+                    log.warning("expbus sink %r: a batch of %d events failed for good after %d attempts (%s: %s); "
+                                "the journal keeps them (a resumed run or expbus replay delivers them)",
+                                self.sink_id, len(batch), attempt + 1, type(exc).__name__, exc)
                 # The cursor stays before this batch: a later catch-up or replay re-sends it.
                 self._cursor_frozen = True
                 self._consecutive_failures += 1

@@ -23,12 +23,27 @@ __all__ = [
     "validate_sink_options",
     "create_sink",
     "RESERVED_KEYS",
+    "WORKER_MODES",
+    "check_workers",
 ]
 
 ENTRY_POINT_GROUP = "expbus.sinks"
-# Keys of a sink's YAML block that are not its constructor's: ``type``, ``enabled`` and the
-# bus policy (``when_full``, ``queue_size``, ...).
-RESERVED_KEYS = frozenset({"type", "enabled"}) | POLICY_KEYS
+# Keys of a sink's YAML block that are not its constructor's: ``type``, ``enabled``,
+# ``workers`` and the bus policy (``when_full``, ``queue_size``, ...).
+RESERVED_KEYS = frozenset({"type", "enabled", "workers"}) | POLICY_KEYS
+# Where a sink's work runs (``workers:``): a thread of the training process, or a child process.
+WORKER_MODES = ("thread", "process")
+
+
+def check_workers(value: object, path: str) -> None:
+    """Raise a :class:`ConfigError` naming ``path`` unless ``value`` is ``thread``, ``process`` or null."""
+    if value is None or value in WORKER_MODES:
+        return
+    match = close_match(value, WORKER_MODES) if isinstance(value, str) else None
+    hint = f"did you mean {match}? " if match else ""
+    raise ConfigError(f"{path}: expected 'thread' or 'process', got {value!r}; {hint}"
+                      "('thread': the sink's own thread in the training process; 'process': a child process, "
+                      "off the training process's GIL)", path=path, value=value)
 
 
 def available_sinks() -> dict[str, str]:
@@ -40,7 +55,7 @@ def _import_target(target: str, *, path: str) -> Any:
     module_name, _, attr = target.partition(":")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as exc:
+    except (ImportError, ValueError, TypeError) as exc:  # ":Cls" (empty name), ".mod:Cls" (relative)
         raise ConfigError(
             f"{path}: cannot import module {module_name!r} for sink type {target!r}: {exc}",
             path=path,
@@ -121,6 +136,27 @@ def _msgspec_path(exc: msgspec.ValidationError, base: str) -> tuple[str, str]:
     return base + suffix, detail
 
 
+def sink_default_policy(factory: Any, *, path: str = "type") -> dict[str, Any]:
+    """The bus policy keys a sink class declares as its defaults, in a ``default_policy`` mapping.
+
+    A network sink declares a longer retry budget than the bus's (a server restart must not
+    cost a batch), e.g. ``default_policy = {"max_retries": 20}``; keys of the sink's YAML
+    block win over these.
+
+    Raises:
+        ConfigError: the declared mapping has a key that is not a policy key.
+    """
+    declared = getattr(factory, "default_policy", None)
+    if not isinstance(declared, Mapping):
+        return {}
+    unknown = sorted(set(declared) - POLICY_KEYS)
+    if unknown:
+        raise ConfigError(f"{path}: {getattr(factory, '__qualname__', factory)!r} declares default_policy keys "
+                          f"that are not policy keys: {', '.join(map(str, unknown))} "
+                          f"(valid: {', '.join(sorted(POLICY_KEYS))})", path=path)
+    return dict(declared)
+
+
 def validate_sink_options(
     sink_id: str, spec: Mapping[str, Any]
 ) -> tuple[Callable[..., Sink], dict[str, Any], SinkPolicy]:
@@ -133,7 +169,10 @@ def validate_sink_options(
     if not isinstance(spec, Mapping):
         raise ConfigError(f"{base}: expected a mapping with a 'type' key, got {spec!r}", path=base, value=spec)
     factory = resolve_sink_class(spec.get("type"), path=f"{base}.type")  # type: ignore[arg-type]
-    policy_opts = {k: v for k, v in spec.items() if k in POLICY_KEYS}
+    check_workers(spec.get("workers"), f"{base}.workers")
+    # The sink class's own defaults (``default_policy``) under the block's keys.
+    policy_opts = {**sink_default_policy(factory, path=f"{base}.type"),
+                   **{k: v for k, v in spec.items() if k in POLICY_KEYS}}
     kwargs = {k: v for k, v in spec.items() if k not in RESERVED_KEYS}
     try:
         policy = msgspec.convert(policy_opts, SinkPolicy)

@@ -15,6 +15,8 @@ from omegaconf.errors import UnsupportedValueType, ValidationError
 
 from expbus.bus import Event, Hyperparams, Metrics, SinkContext
 
+from ._files import naming_path
+
 __all__ = ["CsvSink"]
 
 
@@ -108,7 +110,9 @@ class CsvSink:
         file_exists = self.path.is_file()
         if new_keys and file_exists:
             self._rewrite_with_new_header()
-        with open(self.path, "a" if file_exists else "w", newline="", encoding="utf-8") as file:
+        # A write error (disk full) surfaces when the file closes, without a file name: name it.
+        with naming_path(self.path), open(self.path, "a" if file_exists else "w", newline="",
+                                          encoding="utf-8") as file:
             writer = csv.DictWriter(file, fieldnames=self.metrics_keys)
             if not file_exists:
                 writer.writeheader()

@@ -13,6 +13,7 @@ from typing import IO, Any
 
 from expbus.bus import Event, Hyperparams, Metrics, SinkContext, Timing
 
+from ._files import naming_path
 from ._flatten import flatten_params
 
 __all__ = ["DLLoggerSink"]
@@ -93,22 +94,28 @@ class DLLoggerSink:
                         context.sink_id)
 
     def write(self, batch: Sequence[Event]) -> None:
-        """Write one DLLogger line per ``Metrics`` and ``Hyperparams`` event (and ``Timing`` when verbose)."""
-        for event in batch:
-            if isinstance(event, Metrics):
-                self._log(event.time, event.step, _metrics_data(event), _DEFAULT)
-            elif isinstance(event, Hyperparams):
-                self._log(event.time, PARAMETER_STEP, flatten_params(event.params), _DEFAULT)
-            elif isinstance(event, Timing):
-                self._log(event.time, event.step, dict(event.durations), _VERBOSE)
-        if self._file is not None:
-            # One syscall per batch: a crash right after never loses a line the cursor counts.
-            self._file.flush()
+        """Write one DLLogger line per ``Metrics`` and ``Hyperparams`` event (and ``Timing`` when verbose).
+
+        Raises:
+            OSError: writing the file failed (disk full, ...); the error names the file.
+        """
+        with naming_path(self.path):
+            for event in batch:
+                if isinstance(event, Metrics):
+                    self._log(event.time, event.step, _metrics_data(event), _DEFAULT)
+                elif isinstance(event, Hyperparams):
+                    self._log(event.time, PARAMETER_STEP, flatten_params(event.params), _DEFAULT)
+                elif isinstance(event, Timing):
+                    self._log(event.time, event.step, dict(event.durations), _VERBOSE)
+            if self._file is not None:
+                # One syscall per batch: a crash right after never loses a line the cursor counts.
+                self._file.flush()
 
     def flush(self) -> None:
         """Hand the lines to the OS (and flush stdout when printing)."""
         if self._file is not None:
-            self._file.flush()
+            with naming_path(self.path):
+                self._file.flush()
         if self.stdout:
             sys.stdout.flush()
 

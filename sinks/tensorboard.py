@@ -29,6 +29,7 @@ from expbus.bus import (
     Timing,
 )
 
+from ._files import naming_path
 from ._flatten import flatten_params
 from ._optional import require
 from ._state import load_state, save_state
@@ -315,13 +316,15 @@ class TensorBoardSink:
     def _append(self, records: list[bytes]) -> None:
         assert self._file is not None and self._framer is not None
         data = self._framer.frame(records)
-        self._file.write(data)
+        with naming_path(self.event_file):
+            self._file.write(data)
         self._offset += len(data)
         self._pending += len(records)
 
     def _flush_file(self) -> None:
         assert self._file is not None
-        self._file.flush()
+        with naming_path(self.event_file):
+            self._file.flush()
         self._pending = 0
         self._last_flush = time.monotonic()
 
