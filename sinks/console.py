@@ -40,6 +40,10 @@ class ConsoleSink:
         max_metrics: most rows in a table (sorted by name); the rest are counted.
     """
 
+    #: A resumed run does not reprint the lines an earlier session missed (``catch_up: true``
+    #: in the sink's block asks for them anyway).
+    catch_up = False
+
     def __init__(
         self,
         every_secs: float = 10.0,
