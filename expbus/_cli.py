@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     from expbus._cli_replay import add_replay_parser
 
     add_replay_parser(commands)
+    from expbus._cli_clean import add_clean_parser
+
+    add_clean_parser(commands)
     return parser
 
 

@@ -61,9 +61,11 @@ def hydra_runner(
     sets that itself (so sweeps under Hydra's basic launcher stay in the working directory, as
     exp_manager requires); the ``multiply`` and ``sum`` resolvers are
     registered, and ``-m`` runs a sweep with whichever ``hydra/launcher`` the config names
-    (``expbus`` or NeMo's ``nemo_launcher`` run each job in its own process). Every job's
-    ``exp_manager`` call makes its own bus, journal and sinks; between jobs run in one process
-    the variables a job publishes (``NEMO_EXPM_VERSION``) are restored.
+    (``expbus`` or NeMo's ``nemo_launcher``, ``submitit_local``/``submitit_slurm`` and ``ray``
+    run each job in its own process; those two ship the task to it with cloudpickle). Every
+    job's ``exp_manager`` call makes its own bus, journal and sinks; between jobs run in one
+    process (the basic launcher, a reused Ray worker) the variables a job publishes
+    (``NEMO_EXPM_VERSION``) are restored.
 
     Args:
         config_path: the config folder, relative to the decorated function's file.

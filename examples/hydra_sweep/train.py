@@ -9,14 +9,14 @@ import lightning.pytorch as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from expbus import exp_manager
+from expbus import clean_exp_ckpt, exp_manager
 from expbus.trainer_bridge.demo import DemoRegressor, SyntheticRegression
 from expbus.trainer_bridge.hydra_runner import hydra_runner
 
 
 @hydra_runner(config_path=".", config_name="sweep")
 def main(cfg: DictConfig) -> None:
-    """Train one job of the sweep; ``fail_on_name`` makes the job with that experiment name raise."""
+    """Train one job of the sweep, then ``clean_exp_ckpt`` as configured; ``fail_on_name`` makes that job raise."""
     # Lightning's advice about DataLoader workers is noise for in-memory tensors.
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
@@ -30,6 +30,9 @@ def main(cfg: DictConfig) -> None:
     trainer.fit(DemoRegressor(hidden=cfg.model.hidden, lr=cfg.model.lr),
                 datamodule=SyntheticRegression(train_size=cfg.data.train_size, batch_size=cfg.data.batch_size))
     print(f"finished {cfg.exp_manager.name}: global_step={trainer.global_step} log_dir={log_dir}")
+    # At the end of each job, as NeMo's multirun docs show: free the checkpoints' disk space once the
+    # metrics are in a tracker (clean_exp_ckpt.remove_ckpt=true; then a rerun starts the job afresh).
+    clean_exp_ckpt(log_dir, remove_ckpt=cfg.clean_exp_ckpt.remove_ckpt, remove_nemo=cfg.clean_exp_ckpt.remove_nemo)
 
 
 if __name__ == "__main__":

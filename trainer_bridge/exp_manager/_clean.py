@@ -20,6 +20,8 @@ def clean_exp_ckpt(
     exp_log_dir: str | os.PathLike[str],
     remove_ckpt: bool = True,
     remove_nemo: bool = False,
+    *,
+    dry_run: bool = False,
 ) -> list[Path]:
     """Remove Lightning ``.ckpt`` and/or weights-only ``.nemo`` files from ``<exp_log_dir>/checkpoints``.
 
@@ -31,25 +33,31 @@ def clean_exp_ckpt(
         exp_log_dir: the run's log directory (what ``exp_manager`` returned).
         remove_ckpt: remove every ``checkpoints/*.ckpt``.
         remove_nemo: remove every ``checkpoints/*.nemo``.
+        dry_run: (expbus) remove nothing; return what would be removed.
 
     Returns:
-        The removed paths.
+        The removed paths (with ``dry_run``, the paths that would be removed).
     """
     checkpoints = Path(exp_log_dir) / "checkpoints"
     removed: list[Path] = []
     for wanted, pattern in ((remove_ckpt, "*.ckpt"), (remove_nemo, "*.nemo")):
         if not wanted:
             continue
-        log.info("Deleting %s files ...", pattern)
+        log.info("%s %s files ...", "Listing" if dry_run else "Deleting", pattern)
         for path in sorted(checkpoints.glob(pattern)):
-            if remove_path(path):
+            if dry_run:
+                removed.append(path)
+            elif remove_path(path):
                 log.info("Deleted file : %s", path)
                 removed.append(path)
     return removed
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command line: ``python -m expbus.trainer_bridge.exp_manager._clean LOG_DIR [--keep-ckpt] [--remove-nemo]``."""
+    """Command line: ``python -m expbus.trainer_bridge.exp_manager._clean LOG_DIR [--keep-ckpt] [--remove-nemo]``.
+
+    ``expbus clean`` is the fuller command (``--recursive``, ``--dry-run``, sizes).
+    """
     parser = argparse.ArgumentParser(prog="clean_exp_ckpt", description=clean_exp_ckpt.__doc__.splitlines()[0]
                                      if clean_exp_ckpt.__doc__ else None)
     parser.add_argument("exp_log_dir", help="the run's log directory (the one holding checkpoints/)")
