@@ -36,7 +36,14 @@ from ._codec import resolve_event, to_msgpack
 from ._cursor import CursorStore
 from ._events import Event
 from ._health import JournalHealth, SinkHealth, format_health
-from ._journal import JOURNAL_NAME, JournalReader, JournalWriter, count_records, journal_identity
+from ._journal import (
+    JOURNAL_NAME,
+    JournalReader,
+    JournalWriter,
+    count_records,
+    journal_identity,
+    journal_segments,
+)
 from ._runner import CloseRequest, FlushRequest, Marker, SinkRunner
 from ._sink import Sink, SinkContext, SinkOpenError, SinkPolicy
 
@@ -234,7 +241,7 @@ class Bus:
             return
         if self._journal is not None:
             end, identity = self._journal.first_position, self._journal.identity
-        elif self._journal_file.exists() or any(self._journal_file.parent.glob(f"{self._journal_file.stem}-*")):
+        elif journal_segments(self._journal_file):
             end, identity = count_records(self._journal_file), journal_identity(self._journal_file)
         else:
             return
