@@ -31,7 +31,8 @@ from ._journal import (
     journal_segments,
     read_journal,
 )
-from ._sink import POLICY_KEYS, Sink, SinkContext, SinkOpenError, SinkPolicy, TransientSinkError
+from ._redact import REDACTED, is_sensitive_key, redact_argv, redact_event, redact_params, redact_text
+from ._sink import POLICY_KEYS, Sink, SinkContext, SinkOpenError, SinkPathError, SinkPolicy, TransientSinkError
 
 __all__ = [
     "Bus",
@@ -55,6 +56,12 @@ __all__ = [
     "to_builtins",
     "resolve_event",
     "resolve_value",
+    "redact_event",
+    "redact_params",
+    "redact_text",
+    "redact_argv",
+    "is_sensitive_key",
+    "REDACTED",
     "JournalReader",
     "JournalWriter",
     "read_journal",
@@ -68,6 +75,7 @@ __all__ = [
     "SinkContext",
     "SinkPolicy",
     "SinkOpenError",
+    "SinkPathError",
     "TransientSinkError",
     "POLICY_KEYS",
     "SinkHealth",

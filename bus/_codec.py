@@ -15,6 +15,7 @@ from typing import Any
 import msgspec
 
 from ._events import AnyEvent, Event, Metrics, Timing
+from ._redact import REDACTED_EVENT_TYPES, redact_event
 
 __all__ = [
     "resolve_value",
@@ -56,13 +57,28 @@ def _needs_resolution(values: dict[str, Any]) -> bool:
 
 
 def resolve_event(event: Event) -> Event:
-    """Return the event with every metric/timing value resolved to a Python number."""
-    if type(event) is Metrics and _needs_resolution(event.values):
-        values = {k: resolve_value(v) for k, v in event.values.items()}
-        return msgspec.structs.replace(event, values=values)
-    if type(event) is Timing and _needs_resolution(event.durations):
-        durations = {k: resolve_value(v) for k, v in event.durations.items()}
-        return msgspec.structs.replace(event, durations=durations)
+    """Return the event ready for the journal and the sinks.
+
+    Every metric/timing value is resolved to a Python number, and the events that may
+    carry user configuration or free text (``RunStarted``, ``Hyperparams``, ``Text``,
+    ``RunFinished``) have their secrets redacted (see :func:`expbus.bus.redact_event`).
+    The bus calls this for every event before journaling and fan-out, so no sink and no
+    journal ever holds an API key given in the hyperparameters.
+    """
+    # Metrics and Timing first, and settled by one identity test each: they are the
+    # high-volume events, and they never carry a secret.
+    if type(event) is Metrics:
+        if _needs_resolution(event.values):
+            values = {k: resolve_value(v) for k, v in event.values.items()}
+            return msgspec.structs.replace(event, values=values)
+        return event
+    if type(event) is Timing:
+        if _needs_resolution(event.durations):
+            durations = {k: resolve_value(v) for k, v in event.durations.items()}
+            return msgspec.structs.replace(event, durations=durations)
+        return event
+    if type(event) in REDACTED_EVENT_TYPES:
+        return redact_event(event)
     return event
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Awaitable, Sequence
 from pathlib import Path
 from typing import Literal, Protocol, runtime_checkable
@@ -16,6 +17,7 @@ __all__ = [
     "SinkPolicy",
     "TransientSinkError",
     "SinkOpenError",
+    "SinkPathError",
     "POLICY_KEYS",
 ]
 
@@ -62,11 +64,27 @@ class SinkContext(msgspec.Struct, frozen=True, kw_only=True):
     global_rank: int = 0
     world_size: int = 1
 
-    def resolve(self, path: str | Path) -> Path:
-        """A sink path: absolute as given, otherwise inside the run directory."""
+    def resolve(self, path: str | Path, *, key: str | None = None) -> Path:
+        """A sink path: absolute as given (the user's choice), otherwise inside the run directory.
+
+        Args:
+            path: the path from the sink's options (``~`` is expanded).
+            key: the option it came from, named in the error.
+
+        Raises:
+            SinkPathError: a relative path that would leave the run directory (``../x``).
+                The check is lexical: a symlink inside the run directory is followed as the
+                user made it.
+        """
         candidate = Path(path).expanduser()
         if candidate.is_absolute():
             return candidate
+        if ".." in candidate.parts and os.path.normpath(candidate).split(os.sep)[0] == "..":
+            option = f"option {key!r}: " if key else ""
+            raise SinkPathError(
+                f"sink {self.sink_id!r}: {option}relative path {str(path)!r} would leave the run directory "
+                f"{str(self.run_dir)!r}; use a path inside the run directory (without '..'), or an absolute "
+                "path to write elsewhere on purpose")
         return self.run_dir / candidate
 
 
@@ -122,6 +140,10 @@ POLICY_KEYS: frozenset[str] = frozenset(SinkPolicy.__struct_fields__)
 
 class TransientSinkError(Exception):
     """Raise (or chain) this from a sink's ``write`` when a retry may succeed."""
+
+
+class SinkPathError(ValueError):
+    """A sink's relative path would leave the run directory; the message names the sink, option and fix."""
 
 
 class SinkOpenError(RuntimeError):

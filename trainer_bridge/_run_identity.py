@@ -9,6 +9,7 @@ from pathlib import Path
 import msgspec
 
 from expbus.sinks import ExpbusConfig
+from expbus.sinks._state import ensure_private_dir
 
 __all__ = ["RUN_ID_FILE", "read_or_create_run_id", "config_for_rank"]
 
@@ -28,10 +29,13 @@ def read_or_create_run_id(run_dir: Path) -> str:
     if existing:
         return existing
     run_id = uuid.uuid4().hex
-    path.parent.mkdir(parents=True, exist_ok=True)
+    # The first thing a bridged run writes into .expbus: the folder is the user's only (0700).
+    ensure_private_dir(path.parent)
     # Write then rename: a crash never leaves an empty id file behind.
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(run_id + "\n", encoding="utf-8")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(run_id + "\n")
     os.replace(tmp, path)
     return run_id
 

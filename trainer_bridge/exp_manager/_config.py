@@ -25,6 +25,7 @@ import msgspec.inspect as mi
 
 from expbus.sinks import BusConfig, ConfigError, JournalConfig, validate_sink_options
 from expbus.sinks._errors import unknown_key_error
+from expbus.sinks._paths import check_sink_paths
 
 from ._checkpoint_params import CallbackParams
 
@@ -574,6 +575,9 @@ def _check_sinks(config: ExpManagerConfig) -> None:
             validate_sink_options(sink_id, spec)
         except ConfigError as exc:
             raise _repath(exc, "sinks", f"{ROOT}.sinks") from None
+        # Relative sink paths live in the log dir; one climbing out of it is refused here,
+        # before anything is created on disk.
+        check_sink_paths(sink_id, spec, base=f"{ROOT}.sinks.{sink_id}")
 
 
 def _repath(exc: ConfigError, old: str, new: str) -> ConfigError:

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 
-from expbus.sinks import resolve_sink_class
+from expbus.bus import redact_argv, redact_text
+from expbus.sinks import ConfigError, resolve_sink_class
 
 if TYPE_CHECKING:
     from ._config import ExpManagerConfig
@@ -137,6 +138,10 @@ def resolve_log_dir(trainer: pl.Trainer, config: ExpManagerConfig, *, global_ran
     exp_dir = Path(os.path.abspath(DEFAULT_EXP_DIR if config.exp_dir is None else config.exp_dir))
     name = config.name or "default"
     version = config.version or os.environ.get(ENV_VERSION) or None
+    if version and not config.version and _leaves(version):
+        # The configured version was checked at load; the inherited one is checked here.
+        raise ConfigError(f"${ENV_VERSION}: {version!r} would leave exp_dir; unset it or use a plain folder name",
+                          path=ENV_VERSION, value=version)
     auto = False
     if not config.version:
         if not version:
@@ -150,6 +155,11 @@ def resolve_log_dir(trainer: pl.Trainer, config: ExpManagerConfig, *, global_ran
         version = _broadcast(version)
     path = exp_dir / name / version if version else exp_dir / name
     return LogDir(path=path, exp_dir=exp_dir, name=name, version=version, auto_version=auto)
+
+
+def _leaves(part: str) -> bool:
+    # The rule exp_manager applies to name and version: no absolute path, no '..'.
+    return Path(part).is_absolute() or ".." in Path(part).parts
 
 
 def publish_version(log_dir: LogDir, *, global_rank: int) -> None:
@@ -211,16 +221,32 @@ def _git(*args: str) -> str | None:
     return done.stdout if done.returncode == 0 else None
 
 
+#: Mode of the files exp_manager creates in the log dir: they can hold the command line, the
+#: repository's diff and log records, so only the user reads them (where the platform has modes).
+PRIVATE_FILE_MODE = 0o600
+
+
+def _private_opener(path: str, flags: int) -> int:
+    # A new file gets 0600 (less the umask); an existing one keeps the mode it has.
+    return os.open(path, flags, PRIVATE_FILE_MODE)
+
+
 def write_run_files(log_dir: Path, files_to_copy: Iterable[str] | None) -> None:
-    """Rank 0's records of the run: ``cmd-args.log``, ``git-info.log`` (inside a git repository) and the copies."""
+    """Rank 0's records of the run: ``cmd-args.log``, ``git-info.log`` (inside a git repository) and the copies.
+
+    ``cmd-args.log`` holds ``sys.argv`` with its secrets replaced by ``***``
+    (:func:`expbus.bus.redact_argv`: ``...api_key=***``, ``--password ***``, URI
+    credentials); both files are created readable by the user only.
+    """
     for item in files_to_copy or []:
         shutil.copy(Path(item), log_dir)
-    (log_dir / "cmd-args.log").write_text(" ".join(sys.argv), encoding="utf-8")
+    with open(log_dir / "cmd-args.log", "w", encoding="utf-8", opener=_private_opener) as handle:
+        handle.write(" ".join(redact_argv(sys.argv)))
     commit = _git("rev-parse", "HEAD")
     if commit is not None:
-        with open(log_dir / "git-info.log", "a", encoding="utf-8") as handle:
+        with open(log_dir / "git-info.log", "a", encoding="utf-8", opener=_private_opener) as handle:
             handle.write(f"commit hash: {commit}")
-            handle.write(_git("diff") or "")
+            handle.write(redact_text(_git("diff") or ""))
 
 
 # -- log files -----------------------------------------------------------------------------
@@ -234,8 +260,23 @@ def _add(logger: logging.Logger, handler: logging.Handler) -> None:
     _installed.append((logger, handler))
 
 
+class _PrivateFileHandler(logging.FileHandler):
+    """A log file created readable by the user only, whose lines carry no URI credentials.
+
+    A client that logs its server's address (``https://user:pass@host``) must not leave the
+    password in the run's log files.
+    """
+
+    def _open(self) -> Any:
+        return open(self.baseFilename, self.mode, encoding=self.encoding, errors=self.errors,
+                    opener=_private_opener)
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact_text(super().format(record))
+
+
 def _file_handler(path: Path, *, level: int, formatted: bool = True, delay: bool = False) -> logging.FileHandler:
-    handler = logging.FileHandler(path, encoding="utf-8", delay=delay)
+    handler = _PrivateFileHandler(path, encoding="utf-8", delay=delay)
     handler.setLevel(level)
     if formatted:
         handler.setFormatter(logging.Formatter(_FORMAT))

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 import yaml
 
+from expbus.bus import redact_params
+
 from .._hparams import to_plain
 
 __all__ = ["MODEL_CONFIG_YAML", "MODEL_WEIGHTS_CKPT", "export_weights", "restore_weights"]
@@ -31,7 +33,9 @@ def _config_yaml(module: Any) -> bytes:
     except Exception as exc:  # odd hyperparameters must not lose the weights
         log.warning("Weights export: hyperparameters not written (%s: %s)", type(exc).__name__, exc)
         plain = {}
-    return yaml.safe_dump(plain, sort_keys=False).encode()
+    # A record of the hyperparameters (restore_weights reads only the weights): redacted
+    # like every other copy the run keeps (API keys, tokens, URI credentials become ***).
+    return yaml.safe_dump(redact_params(plain), sort_keys=False).encode()
 
 
 def _add(archive: tarfile.TarFile, name: str, data: bytes) -> None:

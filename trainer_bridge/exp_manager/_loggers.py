@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from expbus.sinks import ConfigError, create_sink, resolve_sink_class, validate_sink_options
 from expbus.sinks._errors import close_match, unknown_key_error
+from expbus.sinks._paths import check_sink_paths
 
 if TYPE_CHECKING:
     from ._config import ExpManagerConfig
@@ -219,3 +220,6 @@ def _try_build(sink_id: str, spec: Mapping[str, Any], base: str) -> None:
         create_sink(sink_id, spec)
     except ConfigError as exc:
         raise _repath(exc, f"sinks.{sink_id}", base) from None
+    # NeMo's cwd-relative options (W&B and MLflow save_dir) are absolute by now; any other
+    # relative path lives in the log dir and must not climb out of it.
+    check_sink_paths(sink_id, spec, base=base)
