@@ -78,7 +78,10 @@ class CursorStore:
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         except FileNotFoundError:
-            self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            # .expbus/ and everything below it readable by the user only.
+            expbus_dir = self.directory.parent.parent
+            for directory in (expbus_dir, expbus_dir / "cursors", self.directory):
+                directory.mkdir(parents=True, exist_ok=True, mode=0o700)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             os.write(fd, payload.encode())

@@ -108,7 +108,8 @@ def _scan(data: bytes) -> _Scan:
                 payload = data[pos + _HEAD_SIZE : pos + _HEAD_SIZE + length]
                 if zlib.crc32(payload) == crc:
                     ok = True
-                    if header is None and not payloads and pos == 0:
+                    # The first intact frame may be the header even after leading garbage.
+                    if header is None and not payloads:
                         try:
                             decoded = msgspec.msgpack.decode(payload)
                         except msgspec.DecodeError:

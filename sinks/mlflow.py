@@ -22,6 +22,7 @@ from expbus.bus import (
     RunFinished,
     SinkContext,
     TransientSinkError,
+    redact_text,
 )
 
 from ._flatten import flatten_params
@@ -443,7 +444,7 @@ class MlflowSink:
                                  f"(mlflow experiments restore --experiment-id {experiment.experiment_id}) "
                                  "or choose another experiment_name")
             return str(experiment.experiment_id)
-        log.info("mlflow sink: creating experiment %r in %s", name, self.resolved_uri)
+        log.info("mlflow sink: creating experiment %r in %s", name, redact_text(self.resolved_uri))
         try:
             return str(self._call("create_experiment", client.create_experiment, name,
                                   artifact_location=artifact_location))

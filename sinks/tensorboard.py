@@ -175,9 +175,10 @@ class TensorBoardSink:
         require("tensorboard", sink="tensorboard", extra="tensorboard")
         self._pb = _Protos()
         self._framer = _Framer(self._pb.crc_table, self._pb.masked_crc32c)
-        log_dir = context.resolve(self.log_dir_option)
+        log_dir = context.resolve(self.log_dir_option, key="log_dir")
         if self.sub_dir:
-            log_dir = log_dir / Path(self.sub_dir).expanduser()
+            # Resolved as one path, so a relative sub_dir cannot climb out of the run directory.
+            log_dir = context.resolve(Path(self.log_dir_option) / Path(self.sub_dir).expanduser(), key="sub_dir")
         if context.global_rank > 0:
             # Only under rank_zero_only: false; a run of its own per rank keeps the steps of
             # different ranks apart (and each rank's file and state its own).

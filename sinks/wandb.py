@@ -367,7 +367,8 @@ class WandbSink:
         # As the bridge reports it (relative to the working directory), else inside the run dir.
         path = Path(event.path.removeprefix("file://"))
         if not path.exists() and not path.is_absolute():
-            path = self._context.resolve(path)
+            # Reading a file the bridge reported: no containment check (that is for paths we write).
+            path = self._context.run_dir / path
         if not path.exists():
             log.warning("wandb sink: checkpoint %s is gone; not logged as an artifact", path)
             return

@@ -117,3 +117,17 @@ def test_empty_and_garbage_files(run_dir: Path) -> None:
     reader = JournalReader(path)
     assert list(reader) == []
     assert reader.skipped_bytes == 4096
+
+
+def test_a_header_after_leading_garbage_is_still_the_header(tmp_path: Path) -> None:
+    from expbus.bus import count_records, journal_identity
+
+    path = tmp_path / JOURNAL_NAME
+    _write(path, _metrics(3))
+    identity = journal_identity(path)
+    path.write_bytes(b"x" + path.read_bytes())
+    reader = JournalReader(path)
+    assert [e.step for e in reader] == [0, 1, 2]  # type: ignore[attr-defined]
+    assert reader.unknown == 0 and reader.skipped_bytes == 1 and len(reader.headers) == 1
+    assert count_records(path) == 3
+    assert journal_identity(path) == identity  # cursors still match: catch-up is not skipped

@@ -240,6 +240,15 @@ def test_prefix_sub_dir_and_no_hp_metric(run_dir: Path) -> None:
     assert yaml.safe_load((log_dir / "hp.yaml").read_text()) == {"a": 1}
 
 
+def test_a_sub_dir_cannot_climb_out_of_the_run_directory(run_dir: Path) -> None:
+    from expbus.bus import SinkContext, SinkPathError
+
+    sink = TensorBoardSink(sub_dir="../../elsewhere")
+    with pytest.raises(SinkPathError, match=r"sub_dir.*would leave the run directory"):
+        sink.open(SinkContext(sink_id="tb", run_dir=run_dir, run_id="r"))
+    assert not (run_dir.parent.parent / "elsewhere").exists()
+
+
 def test_other_ranks_write_their_own_run(tmp_path: Path) -> None:
     sink = TensorBoardSink()
     sink.open(SinkContext(sink_id="tb", run_dir=tmp_path, run_id="r", global_rank=1, world_size=2))
