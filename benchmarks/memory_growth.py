@@ -4,10 +4,10 @@ What it measures
     A fresh bus (journal on, in a temp dir) with one sink whose ``write`` blocks until it is
     released (a hung backend), under the default policy (``when_full="drop_newest"``, which
     with the journal on *spills*: events beyond the queue stay in the journal and are read
-    back when the sink drains) with ``queue_size=Q``. 1,000,000 ``Metrics`` events, each built as the bridge builds one (a new
-    dict of K=10 float values, a new step), are published, and the peak resident set size
-    (``VmHWM``, reset through ``/proc/self/clear_refs`` before the run where the kernel allows)
-    is compared with the RSS before the first publish. Two publishing patterns:
+    back when the sink drains) with ``queue_size=Q``. 1,000,000 ``Metrics`` events, each built
+    as the bridge builds one (a new dict of K=10 float values, a new step), are published, and
+    the peak resident set size (``VmHWM``, reset through ``/proc/self/clear_refs`` before the
+    run where the kernel allows) is compared with the RSS before the first publish. Two publishing patterns:
 
     * ``paced``: 250 events, then a 1 ms sleep, and so on (about 150k events/s, still far
       beyond any training loop): the bus keeps up, so what grows is the stalled sink's queue.

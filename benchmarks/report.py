@@ -269,18 +269,25 @@ def _step_section(res: dict[str, Any]) -> list[str]:
                 f"| {shown} | {_f(peer['mean_overhead_us'], 0)} / {_f(r['mean_overhead_us'], 0)} "
                 f"| {_f(peer['close_ms'])} / {_f(r['close_ms'])} |"
             )
-    threads = [r for r in rows if r["config"] in ("L:all", "E:all", "E:journal") and r["bg_threads"]]
+    shown = ("L:all", "E:all", "E:all:thread", "E:all:process", "E:journal")
+    threads = [r for r in rows if r["config"] in shown and r["bg_threads"]]
     if threads:
         out += [
             "",
-            "### CPU of the other threads, by thread (µs per step)",
+            "### CPU of the other threads, by thread (µs per step), and of child processes",
             "",
-            "| configuration | workload | K | threads |",
-            "|---|---|---:|---|",
+            "*Child processes* is the CPU of the child processes that exited during the run (median per run, start-up "
+            "and imports included): expbus's sink workers under `workers: process` (the work they take off the "
+            "training process still needs a core), and wandb-core when it exits before `fit` returns.",
+            "",
+            "| configuration | workload | K | threads | child processes ms per run |",
+            "|---|---|---:|---|---:|",
         ]
         for r in threads:
             parts = ", ".join(f"{name} {us:,.0f}" for name, us in r["bg_threads"].items() if us >= 0.5)
-            out.append(f"| {r['label']} | {r['workload']} | {r['k']} | {parts or '-'} |")
+            children = r.get("children_cpu_s")
+            cell = f"{1000 * children:,.0f}" if children is not None else "-"
+            out.append(f"| {r['label']} | {r['workload']} | {r['k']} | {parts or '-'} | {cell} |")
     out.append("")
     return out
 
@@ -296,10 +303,11 @@ def _memory_section(res: dict[str, Any]) -> list[str]:
         "Peak RSS (`VmHWM`) against the RSS before the first publish, each pattern in a fresh process. `paced`: "
         "250 events then a 1 ms sleep (the bus keeps up); `burst`: one tight loop (the publisher outruns the "
         "bus thread and the ingress, which has no bound, grows too). *At fill*: RSS growth when the queue had "
-        "just filled (paced only). See `benchmarks/memory_growth.py`.",
+        "just filled (paced only). Events beyond the queue spill to the journal (counted, not dropped) and reach "
+        "the sink once it is released. See `benchmarks/memory_growth.py`.",
         "",
         "| publishing | events | queue bound | bound MB | RSS growth at fill MB | peak RSS growth MB | growth / bound "
-        "| dropped while stalled | delivered after release |",
+        "| spilled (dropped) while stalled | delivered after release |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in res["rows"]:
@@ -307,7 +315,8 @@ def _memory_section(res: dict[str, Any]) -> list[str]:
         out.append(
             f"| {r['mode']} | {r['events']:,} | {r['queue_size']:,} | {r['bound_mb']:.1f} "
             f"| {f'{fill:.1f}' if fill is not None else '-'} | {r['growth_mb']:.1f} "
-            f"| {r['growth_vs_bound']:.2f}x | {r['dropped_while_stalled']:,} | {r['delivered_after_release']:,} |"
+            f"| {r['growth_vs_bound']:.2f}x | {r.get('spilled_while_stalled', 0):,} ({r['dropped_while_stalled']:,}) "
+            f"| {r['delivered_after_release']:,} |"
         )
     out.append("")
     return out

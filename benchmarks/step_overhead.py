@@ -17,9 +17,14 @@ What it measures
       ``TensorBoardLogger``, ``MLFlowLogger`` on sqlite (MLflow 3.x refuses the file store),
       ``WandbLogger(offline=True)``;
     * expbus: ``BridgeCallback`` with ``logger=False`` and the same backends as sinks, one at a
-      time and all together (plus ``jsonl``, ``dllogger``); the journal is on in every expbus
-      configuration (it is the default), and ``expbus: journal only`` shows its floor, i.e.
-      what the training process would still pay if every sink ran in another process.
+      time and all together (plus ``jsonl``, ``dllogger``), each sink where its default puts it
+      (``workers:``); the journal is on in every expbus configuration (it is the default), and
+      ``expbus: journal only`` shows its floor, i.e. what the training process would still pay
+      if every sink ran in another process;
+    * expbus with ``workers`` forced (``bus.workers``): every sink on a thread of the training
+      process (``E:all:thread``) or in a worker process of its own (``E:all:process``). Any
+      expbus configuration takes a ``:thread`` or ``:process`` suffix on the command line
+      (``--configs E:mlflow:process``), see :func:`describe`.
 
     W&B runs with the same settings for Lightning's logger and expbus's sink: offline,
     console capture off, system-metrics sampling and machine-info probing off (so that
@@ -44,7 +49,9 @@ Figures
     its run open); the CPU time other threads of the training process used per step (bus and
     sink threads, TensorBoard's writer thread, wandb's threads): the part of it spent in Python
     holds the GIL that the training thread needs (C code that releases the GIL, such as
-    sqlite's, runs on the other core).
+    sqlite's, runs on the other core); the CPU of the child processes that exited during the
+    run (``workers: process`` sink workers, start-up and imports included), which no longer
+    holds the training process's GIL but still needs a core.
 
 Data arrival
     Every cell reads its backends back after the run: CSV rows, TensorBoard scalars
@@ -62,6 +69,7 @@ import argparse
 import json
 import logging
 import os
+import resource
 import shutil
 import signal
 import sys
@@ -99,15 +107,54 @@ CONFIGS: dict[str, tuple[str, str, list[str]]] = {
     "E:mlflow": ("expbus: mlflow sink (sqlite)", "expbus", ["mlflow"]),
     "E:wandb": ("expbus: wandb sink (offline)", "expbus", ["wandb"]),
     "E:all": ("expbus: CSV + TB + MLflow + W&B + jsonl + dllogger", "expbus", [*BACKENDS, "jsonl", "dllogger"]),
+    "E:all:thread": ("expbus: CSV + TB + MLflow + W&B + jsonl + dllogger, workers: thread", "expbus",
+                     [*BACKENDS, "jsonl", "dllogger"]),
+    "E:all:process": ("expbus: CSV + TB + MLflow + W&B + jsonl + dllogger, workers: process", "expbus",
+                      [*BACKENDS, "jsonl", "dllogger"]),
 }
 # expbus configuration -> the Lightning configuration with the same backends.
 PAIRS = {"E:csv": "L:csv", "E:tensorboard": "L:tensorboard", "E:mlflow": "L:mlflow", "E:wandb": "L:wandb",
          "E:all": "L:all"}
+WORKER_SUFFIXES = ("thread", "process")
 
-QUICK_CONFIGS = ["none", "L:all", "E:all"]
+
+def _forced(config: str) -> tuple[str, str | None]:
+    """``E:mlflow:process`` -> (``E:mlflow``, ``process``); other keys -> (key, None)."""
+    base, _, workers = config.rpartition(":")
+    if workers in WORKER_SUFFIXES and base in CONFIGS and CONFIGS[base][1] == "expbus":
+        return base, workers
+    return config, None
+
+
+def describe(config: str) -> tuple[str, str, list[str]]:
+    """(label, family, backends) of a configuration key, including the ``:thread`` / ``:process`` variants.
+
+    Raises:
+        KeyError: an unknown configuration.
+    """
+    if config in CONFIGS:
+        return CONFIGS[config]
+    base, workers = _forced(config)
+    if workers is None:
+        raise KeyError(config)
+    label, family, backends = CONFIGS[base]
+    return f"{label}, workers: {workers}", family, backends
+
+
+def workers_of(config: str) -> str | None:
+    """The ``bus.workers`` a configuration forces (``None``: each sink's default)."""
+    return _forced(config)[1]
+
+
+def peer_of(config: str) -> str | None:
+    """The Lightning configuration with the same backends as an expbus configuration."""
+    return PAIRS.get(config) or PAIRS.get(_forced(config)[0])
+
+
+QUICK_CONFIGS = ["none", "L:all", "E:all", "E:all:process"]
 BASELINE_EVERY = 4  # run ``none`` again after this many other configurations
 # Run --repeats times; the per-backend configurations run --single-repeats times.
-CORE_CONFIGS = ["none", "L:all", "E:journal", "E:all"]
+CORE_CONFIGS = ["none", "L:all", "E:journal", "E:all", "E:all:thread", "E:all:process"]
 WORKLOADS = ["a", "b"]
 # (workload, K) -> (warm-up steps, measured steps): about 1 s of measured steps without logging, so that
 # the sinks write (every batch_delay = 0.5 s) during training. K=100 steps cost ~27 ms in Lightning's
@@ -213,7 +260,7 @@ def _check_backends(checks: Checks, tag: str, family: str, backends: list[str], 
 def _run_cell(config: str, workload: str, k: int, warmup: int, measured: int, matmul_n: int, root: Path,
               db: Path, checks: Checks, device: str = "cpu", extra_callbacks: tuple[Any, ...] = ()) -> dict[str, Any]:
     """One ``Trainer.fit`` of one configuration and cell, timed and read back (``device``: ``cpu`` or ``cuda``)."""
-    _label, family, backends = CONFIGS[config]
+    _label, family, backends = describe(config)
     cell = f"{workload}-k{k}"
     tag = f"{config} {cell}"
     cell_dir = root / cell
@@ -230,7 +277,11 @@ def _run_cell(config: str, workload: str, k: int, warmup: int, measured: int, ma
     elif family == "expbus":
         from expbus import BridgeCallback
 
-        bridge = BridgeCallback({"run_dir": str(run_dir), "sinks": _expbus_sinks(backends, cell, db)})
+        bridge_config: dict[str, Any] = {"run_dir": str(run_dir), "sinks": _expbus_sinks(backends, cell, db)}
+        workers = workers_of(config)
+        if workers is not None:
+            bridge_config["bus"] = {"workers": workers}
+        bridge = BridgeCallback(bridge_config)
         callbacks.append(bridge)
     trainer = pl.Trainer(
         accelerator=device, devices=1, max_steps=steps, max_epochs=1, logger=loggers or False,
@@ -239,6 +290,7 @@ def _run_cell(config: str, workload: str, k: int, warmup: int, measured: int, ma
     )
     model = BenchModule(workload, k, matmul_n)
     loader = make_loader(steps, device)
+    children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = _perf()
     trainer.fit(model, loader)
     t_fit = _perf()
@@ -246,6 +298,15 @@ def _run_cell(config: str, workload: str, k: int, warmup: int, measured: int, ma
         if type(lg).__name__ == "WandbLogger":
             lg.experiment.finish()  # WandbLogger.finalize leaves the run open; the data is not complete before
     t_closed = _perf()
+    if bridge is not None:
+        from expbus.sinks._process import wait_for_workers
+
+        wait_for_workers(30.0)  # closed sinks' worker processes finish exiting: their CPU is counted
+    children_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    # CPU of the child processes that exited during the run (expbus's sink workers, closed in fit;
+    # wandb-core when it exits in time), imports and start-up included: work moved, not removed.
+    children_cpu_s = (children_after.ru_utime + children_after.ru_stime
+                      - children_before.ru_utime - children_before.ru_stime)
     intervals = clock.intervals_us(warmup)
     cpu = clock.thread_cpu_us()
     others = sum(cpu["others"].values())
@@ -274,6 +335,7 @@ def _run_cell(config: str, workload: str, k: int, warmup: int, measured: int, ma
         "main_wait_us": (clock.train_end_ns - clock.train_start_ns) / 1e3 - cpu["main"],
         "cpu_others_us": cpu["others"],
         "cpu_others_total_us": others,
+        "cpu_children_s": children_cpu_s,
         "values_found": found,
         "sink_stats": sink_stats,
     }
@@ -368,13 +430,14 @@ def aggregate(runs: list[dict[str, Any]], configs: list[str]) -> list[dict[str, 
         stats = _summarise(samples)
         steps = sum(len(c["intervals_us"]) for c in cells)
         row: dict[str, Any] = {
-            "config": config, "label": CONFIGS[config][0], "family": CONFIGS[config][1], "workload": workload,
+            "config": config, "label": describe(config)[0], "family": describe(config)[1], "workload": workload,
             "k": k, "repeats": len(cells), "steps_measured": steps, **stats,
             "repeat_medians": [median(c["intervals_us"]) for c in cells],
             "close_ms": median([c["close_ms"] for c in cells]),
             "bg_cpu_us_per_step": median([c["cpu_others_total_us"] / max(1, c["steps"]) for c in cells]),
             "main_cpu_us_per_step": median([c["cpu_main_us"] / max(1, c["steps"]) for c in cells]),
             "main_wait_us_per_step": median([c["main_wait_us"] / max(1, c["steps"]) for c in cells]),
+            "children_cpu_s": median([c.get("cpu_children_s", 0.0) for c in cells]),
             "bg_threads": _merge_threads([c["cpu_others_us"] for c in cells], [c["steps"] for c in cells]),
         }
         if config == "none":
@@ -395,7 +458,7 @@ def aggregate(runs: list[dict[str, Any]], configs: list[str]) -> list[dict[str, 
         row["mean_overhead_pct"] = 100.0 * row["mean_overhead_us"] / b["mean"]
     by_key = {(r["config"], r["workload"], r["k"]): r for r in rows}
     for row in rows:
-        peer = PAIRS.get(row["config"])
+        peer = peer_of(row["config"])
         other = by_key.get((peer, row["workload"], row["k"])) if peer else None
         if other is not None and "overhead_us" in row:
             row["peer"] = peer
@@ -506,7 +569,12 @@ def main(argv: list[str] | None = None) -> int:
     configs = QUICK_CONFIGS if args.quick else list(CONFIGS)
     if args.configs:
         configs = [c.strip() for c in args.configs.split(",") if c.strip()]
-        unknown = [c for c in configs if c not in CONFIGS]
+        unknown = []
+        for c in configs:
+            try:
+                describe(c)
+            except KeyError:
+                unknown.append(c)
         if unknown:
             parser.error(f"unknown configurations {unknown}; known: {list(CONFIGS)}")
         if "none" not in configs:

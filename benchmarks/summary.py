@@ -78,7 +78,13 @@ def targets(results: dict[str, Any]) -> list[dict[str, str]]:
         shown = f"{100 * frac:.1f}%" if frac is not None else "n/a"
         mfrac = e.get("mean_fraction_of_peer")
         mean = f"; mean {100 * mfrac:.1f}%" if mfrac is not None else ""
-        parts.append(f"K={k}: {shown} ({_us(e['overhead_us'])} vs {_us(e['peer_overhead_us'])}{mean})")
+        forced = ""
+        for workers in ("thread", "process"):
+            fr = _row(rows, f"E:all:{workers}", "b", k)
+            ffrac = fr.get("fraction_of_peer") if fr is not None else None
+            if ffrac is not None:
+                forced += f"; all {workers}s {100 * ffrac:.1f}%"
+        parts.append(f"K={k}: {shown} ({_us(e['overhead_us'])} vs {_us(e['peer_overhead_us'])}{mean}{forced})")
     out.append({
         "target": "Workload (b), all backends on: expbus's overhead ≤ 10% of Lightning's own",
         "measured": "; ".join(parts) or "-",
@@ -134,6 +140,14 @@ def targets(results: dict[str, Any]) -> list[dict[str, str]]:
     return out
 
 
+def _forced_cell(row: dict[str, Any] | None) -> str:
+    """``+1,234 µs (5.6%)``: a forced-workers row's overhead, and its fraction of Lightning's."""
+    if row is None or "overhead_us" not in row:
+        return "-"
+    frac = row.get("fraction_of_peer")
+    return f"{_us(row['overhead_us'])} ({100 * frac:.1f}%)" if frac is not None else _us(row["overhead_us"])
+
+
 def _headline_table(results: dict[str, Any]) -> list[str]:
     rows = _step_rows(results)
     if not rows:
@@ -145,13 +159,15 @@ def _headline_table(results: dict[str, Any]) -> list[str]:
         "periodic stalls of batched writes that the median hides; "
         f"{p['repeats']} fresh processes per configuration, interleaved). Lightning: its CSV, TensorBoard, "
         "MLflow (sqlite) and W&B (offline) loggers. expbus: `BridgeCallback` with `logger=False` and the same "
-        "backends as sinks, plus jsonl, dllogger and the journal. Workload (a) is a "
+        "backends as sinks, plus jsonl, dllogger and the journal, each sink where its default puts it (`workers:` "
+        "`process` for MLflow, `thread` for the others); *all on threads* and *all in processes* force "
+        "`bus.workers: thread` / `process` (overhead, and as a fraction of Lightning's). Workload (a) is a "
         f"{p['matmul_n']}x{p['matmul_n']} matmul ({p['matmul_ms']:.2f} ms, GIL released) plus the tiny step; "
         "(b) is `Linear(32, 32)` on a batch of 8. K metrics are logged every step with `self.log`.",
         "",
         "| workload | K | no logging | Lightning loggers | expbus | expbus / Lightning "
-        "| mean: Lightning / expbus | p99: Lightning / expbus |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| all on threads | all in processes | mean: Lightning / expbus | p99: Lightning / expbus |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for workload in ("a", "b"):
         for k in _ks(rows, workload):
@@ -162,13 +178,15 @@ def _headline_table(results: dict[str, Any]) -> list[str]:
             lcell = f"{_us(lt['overhead_us'])} ({_pct(lt['overhead_pct'])})" if lt else "-"
             frac = e.get("fraction_of_peer")
             fcell = f"{100 * frac:.1f}%" if frac is not None else "-"
+            forced = [_forced_cell(_row(rows, f"E:all:{w}", workload, k)) for w in ("thread", "process")]
             p99 = (f"{_us(lt['p99_overhead_us'])} / {_us(e['p99_overhead_us'])}" if lt
                    else f"- / {_us(e['p99_overhead_us'])}")
             mean = (f"{_us(lt['mean_overhead_us'])} / {_us(e['mean_overhead_us'])}" if lt
                     else f"- / {_us(e['mean_overhead_us'])}")
             out.append(
                 f"| {WORKLOAD_LABELS[workload]} | {k} | {base['median']:,.0f} µs | {lcell} "
-                f"| {_us(e['overhead_us'])} ({_pct(e['overhead_pct'])}) | {fcell} | {mean} | {p99} |"
+                f"| {_us(e['overhead_us'])} ({_pct(e['overhead_pct'])}) | {fcell} | {forced[0]} | {forced[1]} "
+                f"| {mean} | {p99} |"
             )
     out.append("")
     return out

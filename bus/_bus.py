@@ -564,7 +564,7 @@ class Bus:
 
 def _declared_policy(sink: Any) -> SinkPolicy:
     """The policy a sink class declares in ``default_policy`` (a mapping of policy keys), else the bus's default."""
-    declared = getattr(type(sink), "default_policy", None)
+    declared = getattr(sink, "default_policy", None)
     if isinstance(declared, Mapping):
         return msgspec.convert(dict(declared), SinkPolicy)
     return SinkPolicy()

@@ -7,8 +7,17 @@ registered name (entry-point group ``expbus.sinks``) or an import path
 
 from expbus.bus import Sink, SinkContext, SinkOpenError, SinkPolicy, TransientSinkError
 
-from ._config import BusConfig, ExpbusConfig, JournalConfig, build_bus, load_config, resolve_run_dir
+from ._config import (
+    BusConfig,
+    ExpbusConfig,
+    JournalConfig,
+    build_bus,
+    load_config,
+    resolve_run_dir,
+    sink_workers,
+)
 from ._errors import ConfigError
+from ._process import ProcessSink, wait_for_workers
 from ._registry import (
     ENTRY_POINT_GROUP,
     RESERVED_KEYS,
@@ -39,6 +48,9 @@ __all__ = [
     "resolve_sink_class",
     "validate_sink_options",
     "replay_journal",
+    "ProcessSink",
+    "wait_for_workers",
+    "sink_workers",
     "ReplayProgress",
     "ReplayResult",
     "journal_run_id",

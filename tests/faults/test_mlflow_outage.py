@@ -167,8 +167,9 @@ def test_mlflow_server_killed_and_restarted_mid_run(tmp_path: Path, make_trainer
     run_dir = tmp_path / "run"
     with mlflow_server_type(tmp_path / "server") as server:
         config = {"run_dir": str(run_dir), "bus": {"close_timeout": 60},
+                  # workers: thread, because the test's spy on log_batch lives in this process.
                   "sinks": {"ml": {"type": "mlflow", "tracking_uri": server.url, "experiment_name": "outage",
-                                   "retry_backoff_max": RETRY_BACKOFF_MAX}}}
+                                   "retry_backoff_max": RETRY_BACKOFF_MAX, "workers": "thread"}}}
         bridge = BridgeCallback(config)
         clock = faults.StepClock()
         outage = Outage(server, calls)

@@ -137,3 +137,11 @@ def test_run_dir_layout(tmp_path: Path) -> None:
         resolve_run_dir(load_config({"name": "../escape"}))
     with pytest.raises(ConfigError, match="would leave exp_dir"):
         resolve_run_dir(load_config({"version": "/abs"}))
+
+
+def test_a_sink_path_that_leaves_the_run_directory_fails_at_load() -> None:
+    from expbus.sinks import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"sinks\.e\.path: '\.\./\.\./x\.jsonl' would leave the run directory"):
+        load_config({"sinks": {"e": {"type": "jsonl", "path": "../../x.jsonl"}}})
+    assert load_config({"sinks": {"e": {"type": "jsonl", "path": "/tmp/elsewhere/x.jsonl"}}}).sinks["e"]
