@@ -2,7 +2,7 @@
 
 Run from the repository root (or ``expbus bench`` from a source checkout)::
 
-    python -m benchmarks            # full run (~6 min on 2 cores), writes benchmarks/results/<date>-<host>.md
+    python -m benchmarks            # full run (~12 min on 2 cores), writes benchmarks/results/<date>-<host>.md
     python -m benchmarks --quick    # smoke run (<1 min), small sizes, writes nothing unless --out is given
     python -m benchmarks.readme_table   # copy the latest results' summary into README.md
 

@@ -2,7 +2,7 @@
 
 Usage (from the repository root)::
 
-    python -m benchmarks                 # full run (~6 min on 2 cores)
+    python -m benchmarks                 # full run (~12 min on 2 cores)
                                          # writes benchmarks/results/<YYYY-MM-DD>-<hostname>.md
     python -m benchmarks --quick         # smoke run (<1 min): small sizes, prints the report, writes no file
     python -m benchmarks --quick --out R # ... and writes the report to R (a file, or a directory)
