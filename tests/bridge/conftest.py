@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
-import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,16 +31,6 @@ class TinyData(SyntheticRegression):
             self.train_set, batch_size=8, shuffle=True, generator=gen, num_workers=self.num_workers,
             multiprocessing_context=self.multiprocessing_context if self.num_workers else None,
         )
-
-
-@pytest.fixture(autouse=True)
-def _quiet_lightning_advice() -> Iterator[None]:
-    # Lightning's advice about DataLoader workers and short epochs is noise for a tiny CPU run.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-        warnings.filterwarnings("ignore", message=".*number of training batches.*")
-        warnings.filterwarnings("ignore", message=".*LeafSpec.*")
-        yield
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
-import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -82,12 +81,7 @@ def _clean_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[
     monkeypatch.delenv(ENV_VERSION, raising=False)
     for variable in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_JOB_START_TIME"):
         monkeypatch.delenv(variable, raising=False)
-    with warnings.catch_warnings():
-        # Lightning's advice about DataLoader workers and short epochs is noise for a tiny CPU run.
-        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-        warnings.filterwarnings("ignore", message=".*number of training batches.*")
-        warnings.filterwarnings("ignore", message=".*LeafSpec.*")
-        yield
+    yield
     detach_log_files()
     os.environ.pop(ENV_VERSION, None)
 

@@ -26,6 +26,8 @@ from expbus.trainer_bridge import BridgeCallback
 from expbus.trainer_bridge.exp_manager import exp_manager
 from expbus.trainer_bridge.exp_manager._dirs import ENV_VERSION, attach_log_files, detach_log_files
 
+from .conftest import TinyModel
+
 # Distinct markers: each must be absent from every byte the run writes.
 HPARAM_KEY = "S3KR1T-wandb-key-0001"
 HPARAM_PASSWORD = "S3KR1T-db-password-0002"
@@ -43,30 +45,17 @@ VISIBLE = "adamw-V1S1BLE-0009"
 posix_only = pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
 
 
-class SecretModel(pl.LightningModule):
-    """A linear regression whose hyperparameters hold secrets next to ordinary values."""
+class SecretModel(TinyModel):
+    """The exp_manager tests' linear regression, whose hyperparameters hold secrets next to ordinary values."""
 
     def __init__(self, lr: float = 0.05, optimizer_name: str = VISIBLE, wandb_api_key: str = HPARAM_KEY,
                  db_password: str = HPARAM_PASSWORD, nested: dict[str, Any] | None = None,
                  tracking_uri: str = f"https://alice:{HPARAM_URI_PASSWORD}@mlflow.example.com/api",
                  max_tokens: int = 512) -> None:
-        super().__init__()
+        super().__init__(lr)
         nested = nested if nested is not None else {"api_token": HPARAM_TOKEN, "depth": 2}
+        # Again, here: this frame's arguments (the secrets) are the hyperparameters.
         self.save_hyperparameters()
-        self.layer = torch.nn.Linear(4, 1)
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        loss = torch.nn.functional.mse_loss(self.layer(x), y)
-        self.log("train_loss", loss)
-        return loss
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        x, y = batch
-        self.log("val_loss", torch.nn.functional.mse_loss(self.layer(x), y))
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=self.hparams["lr"])
 
 
 class KeyedSink:

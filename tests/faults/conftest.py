@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import time
-import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -112,15 +111,6 @@ class Faults:
 def faults() -> type[Faults]:
     """The fault suite's model, data, step clock and journal checks."""
     return Faults
-
-
-@pytest.fixture(autouse=True)
-def _quiet_lightning_advice() -> Iterator[None]:
-    # Lightning's advice about DataLoader workers is noise for a tiny CPU run.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-        warnings.filterwarnings("ignore", message=".*LeafSpec.*")
-        yield
 
 
 @pytest.fixture

@@ -284,7 +284,6 @@ def test_mlflow_in_a_process_read_back_with_mlflow_client(tmp_path: Path, monkey
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
-@pytest.mark.filterwarnings("ignore:.*LeafSpec.*")
 def test_lightning_run_with_sinks_in_processes_from_yaml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("mlflow")
     pytest.importorskip("tensorboard")
@@ -423,7 +422,6 @@ def test_a_child_killed_mid_run_is_reported_and_the_bus_goes_on(
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-@pytest.mark.filterwarnings("ignore:.*LeafSpec.*")
 def test_training_goes_on_when_a_child_dies(tmp_path: Path, faulty: str) -> None:
     import lightning.pytorch as pl
     import torch

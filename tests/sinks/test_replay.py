@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import threading
-import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -69,9 +68,7 @@ def trained_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     trainer = pl.Trainer(accelerator="cpu", max_steps=40, log_every_n_steps=1, logger=False,
                          enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
                          val_check_interval=20, num_sanity_val_steps=0, callbacks=[bridge])
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-        trainer.fit(DemoRegressor(lr=0.02), datamodule=SyntheticRegression(batch_size=16, train_size=320, val_size=32))
+    trainer.fit(DemoRegressor(lr=0.02), datamodule=SyntheticRegression(batch_size=16, train_size=320, val_size=32))
     return run_dir
 
 
