@@ -4,7 +4,17 @@ Imports msgspec, anyio and the standard library only: no torch, Lightning or bac
 """
 
 from ._bus import Bus
-from ._codec import from_json, from_msgpack, resolve_event, resolve_value, to_builtins, to_json, to_msgpack
+from ._codec import (
+    ValueResolver,
+    from_json,
+    from_msgpack,
+    resolve_event,
+    resolve_value,
+    resolve_values_in_bulk,
+    to_builtins,
+    to_json,
+    to_msgpack,
+)
 from ._cursor import Cursor, CursorStore
 from ._events import (
     EVENT_TYPES,
@@ -56,6 +66,8 @@ __all__ = [
     "to_builtins",
     "resolve_event",
     "resolve_value",
+    "resolve_values_in_bulk",
+    "ValueResolver",
     "redact_event",
     "redact_params",
     "redact_text",

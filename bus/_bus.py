@@ -32,7 +32,7 @@ from typing import Any
 import anyio
 import msgspec
 
-from ._codec import resolve_event, to_msgpack
+from ._codec import ValueResolver, resolve_event, resolve_values_in_bulk, to_msgpack
 from ._cursor import CursorStore
 from ._events import Event
 from ._health import JournalHealth, SinkHealth, format_health
@@ -85,6 +85,9 @@ class Bus:
         catch_up: at open, deliver to each sink the journal records it has not
             acknowledged yet (its cursor in ``run_dir/.expbus/cursors``), before any new
             event. With ``journal=False`` this replays an existing journal (``expbus replay``).
+        value_resolver: resolves every tensor value of one drain of the ingress in one
+            call, in the bus thread (see :func:`expbus.bus.resolve_values_in_bulk`); the
+            bridge passes one that stacks torch tensors. ``None``: one ``item()`` per value.
 
     Delivery cursors: with a journal, every sink's worker saves, after each batch the sink
     accepted, the journal position it has delivered up to. A bus opened again on the same
@@ -114,7 +117,9 @@ class Bus:
         global_rank: int = 0,
         world_size: int = 1,
         catch_up: bool = True,
+        value_resolver: ValueResolver | None = None,
     ) -> None:
+        self.value_resolver = value_resolver
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.catch_up = catch_up
         self._journal_file = self.run_dir / journal_name if self.run_dir is not None else None
@@ -443,6 +448,8 @@ class Bus:
                     append(pop())
             except IndexError:
                 pass
+            if self.value_resolver is not None:
+                resolve_values_in_bulk(items, self.value_resolver)
             # (journal position, event or marker) pairs, in publication order.
             resolved: list[tuple[int, Any]] = []
             payloads: list[bytes] = []

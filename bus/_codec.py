@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -20,6 +21,8 @@ from ._redact import REDACTED_EVENT_TYPES, redact_event
 __all__ = [
     "resolve_value",
     "resolve_event",
+    "resolve_values_in_bulk",
+    "ValueResolver",
     "to_msgpack",
     "from_msgpack",
     "to_json",
@@ -80,6 +83,58 @@ def resolve_event(event: Event) -> Event:
     if type(event) in REDACTED_EVENT_TYPES:
         return redact_event(event)
     return event
+
+
+#: Resolves many values in one call (see :func:`resolve_values_in_bulk`): given a list of
+#: values (tensors and plain numbers mixed), returns the list of Python numbers in order.
+ValueResolver = Callable[[list[Any]], list[Any]]
+
+
+def resolve_values_in_bulk(items: list[Any], resolver: ValueResolver) -> None:
+    """Resolve the values of every ``Metrics`` / ``Timing`` in ``items`` with one ``resolver`` call.
+
+    Why: resolving tensors one ``item()`` at a time costs a dispatcher call per value, and
+    each of them lets the GIL go and takes it back (a handoff the training thread may be
+    waiting on), or, for device tensors, a device-to-host copy per value. A resolver given
+    every pending value of a drain at once (the bridge's stacks them: one call per device
+    and dtype) does that work once. ``items`` is updated in place (resolved copies of the
+    events replace them); everything else, markers included, is left as it is. If the
+    resolver fails or answers with the wrong length, nothing changes and
+    :func:`resolve_event` resolves those values one by one, reporting what it cannot.
+    """
+    slots: list[int] = []
+    values: list[Any] = []
+    for index, item in enumerate(items):
+        kind = type(item)
+        if kind is Metrics:
+            pending = item.values
+        elif kind is Timing:
+            pending = item.durations
+        else:
+            continue
+        if pending and _needs_resolution(pending):
+            slots.append(index)
+            values.extend(pending.values())
+    if not values:
+        return
+    try:
+        resolved = resolver(values)
+    except Exception:
+        return
+    if len(resolved) != len(values):
+        return
+    start = 0
+    for index in slots:
+        item = items[index]
+        if type(item) is Metrics:
+            keys = item.values
+            stop = start + len(keys)
+            items[index] = msgspec.structs.replace(item, values=dict(zip(keys, resolved[start:stop], strict=True)))
+        else:
+            keys = item.durations
+            stop = start + len(keys)
+            items[index] = msgspec.structs.replace(item, durations=dict(zip(keys, resolved[start:stop], strict=True)))
+        start = stop
 
 
 def _enc_hook(obj: Any) -> Any:

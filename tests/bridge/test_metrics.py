@@ -133,3 +133,18 @@ def test_no_item_call_on_the_training_thread_for_the_bridge(tmp_path: Path, make
     assert len(metrics) >= 24
     assert sum(1 for name, _ in calls if name == "expbus-bus") >= len(metrics)
     assert all(type(v) is float for e in metrics for v in e.values.values())  # type: ignore[attr-defined]
+
+
+def test_the_tensor_resolver_gives_what_item_gives() -> None:
+    from expbus.bus import resolve_value
+    from expbus.trainer_bridge._tensor_values import resolve_tensor_values
+
+    values: list[Any] = [
+        torch.tensor(1.5), torch.tensor(2), torch.tensor(True), 3.0, 4, torch.tensor([1.0]),
+        torch.tensor(0.1), torch.tensor(float("nan")), torch.tensor(0.3, dtype=torch.float64),
+        torch.tensor(7, dtype=torch.int32), torch.tensor(False), torch.tensor(2.5, requires_grad=True) * 2,
+    ]
+    got = resolve_tensor_values(values)
+    expected = [resolve_value(v) for v in values]
+    assert [type(v) for v in got] == [type(v) for v in expected]
+    assert str(got) == str(expected)  # nan == nan as text
