@@ -16,15 +16,31 @@ What it measures
     * ``burst``: the 1M events in one tight loop: the publisher outruns the bus thread, so
       the ingress (which has no bound: ``publish`` never waits) grows as well.
 
-    The bound in MB is ``Q`` times the bytes one queued event holds, measured with
-    ``tracemalloc`` over 20,000 events built the same way (the event, its dict, keys shared,
-    float values).
+    Control: each pattern runs again with a *healthy* sink (its ``write`` returns at once),
+    same bus, policy and publishing. Its growth is what the bus costs at that rate whatever
+    the sink (events between two polls of the ingress, the burst's ingress backlog, the
+    drain being journaled); the stalled run's growth minus the control's is what the stall
+    itself costs. Every run (2 patterns x 2 sinks) is a fresh interpreter.
+
+The bound
+    ``Q`` times the bytes one queued event holds: ``tracemalloc`` over 20,000 events built as
+    above and kept in a ``collections.deque`` (as the sink's queue keeps them), so the
+    deque's slot (8 bytes, in 64-slot blocks) is included. It counts every block the event
+    owns (the ``Metrics`` struct, its values dict, the 11 floats and the step's int; the
+    metric names are shared) as the allocator hands it out: pymalloc serves every request
+    of up to 512 bytes from 16-byte size classes (a 24-byte float takes 32 bytes), and glibc
+    malloc adds an 8-byte header to larger ones (rounded to 16). The requested bytes
+    (tracemalloc's own total, about 12% less: what the bound was before) are reported too.
+    Not included: pymalloc's pool headers and partly used pools, and the batch of
+    ``batch_size`` events inside the hung ``write`` (held beyond the queue by design).
 
 Data arrival
     While stalled, the sink's queue must stay at ``Q``, nothing may be dropped, and every other
     event must be counted as spilled; after the sink is released and the bus closed, the sink
     must have received every event published (read back from the journal), and the journal
-    must hold every event. A failed check exits with status 1.
+    must hold every event. The healthy control must have delivered every event before the
+    close, dropped none, and the journal must hold every event. A failed check exits with
+    status 1.
 
 Run alone: ``python -m benchmarks.memory_growth [--quick] [--json-out F]``.
 """
@@ -41,6 +57,7 @@ import tempfile
 import threading
 import time
 import tracemalloc
+from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -86,31 +103,52 @@ class StalledSink:
         self._go.set()
 
 
+class HealthySink:
+    """The control: a sink whose ``write`` returns at once; counts what it got."""
+
+    def __init__(self) -> None:
+        self.received = 0
+
+    def write(self, batch: Sequence[Event]) -> None:
+        self.received += len(batch)
+
+
 def _event(i: int, t0: float) -> Metrics:
     v = float(i)
     return Metrics(time=t0 + i * 1e-3, step=i, epoch=0, values={name: v + j for j, name in enumerate(NAMES)})
 
 
-def bytes_per_event(n: int = 20_000) -> float:
-    """Bytes one queued event holds (tracemalloc over ``n`` events kept alive)."""
+def _allocated(size: int) -> int:
+    """Bytes the allocator hands out for a request of ``size`` (CPython's pymalloc, else glibc malloc)."""
+    if size <= 512:
+        return max(16, (size + 15) & ~15)
+    return max(32, (size + 8 + 15) & ~15)
+
+
+def bytes_per_event(n: int = 20_000) -> tuple[float, float]:
+    """(allocated, requested) bytes one queued event holds, deque slot included (tracemalloc over ``n``)."""
     gc.collect()
     tracemalloc.start()
     before = tracemalloc.get_traced_memory()[0]
     t0 = time.time()
-    kept = [_event(i, t0) for i in range(n)]
-    after = tracemalloc.get_traced_memory()[0]
+    kept = deque(_event(i, t0) for i in range(n))
+    requested = tracemalloc.get_traced_memory()[0] - before
+    # Only blocks allocated since start() and still alive: the events, their parts and the deque.
+    snapshot = tracemalloc.take_snapshot()
     tracemalloc.stop()
-    del kept
-    # The list holding them costs 8 bytes per event; the sink's deque costs about the same.
-    return (after - before) / n
+    allocated = sum(_allocated(trace.size) for trace in snapshot.traces)
+    del kept, snapshot
+    return allocated / n, requested / n
 
 
-def _one(mode: str, n: int, queue_size: int, tmp: Path, checks: Checks) -> dict[str, Any]:
-    run_dir = tmp / f"run-{mode}"
-    sink = StalledSink()
+def _one(mode: str, sink_kind: str, n: int, queue_size: int, tmp: Path, checks: Checks) -> dict[str, Any]:
+    """One pattern with one sink (``stalled`` or the ``healthy`` control), in this process."""
+    run_dir = tmp / f"run-{mode}-{sink_kind}"
+    stalled_sink = StalledSink() if sink_kind == "stalled" else None
+    sink: StalledSink | HealthySink = stalled_sink or HealthySink()
     policy = SinkPolicy(queue_size=queue_size, when_full="drop_newest", write_timeout=3600.0)
     bus = Bus(run_dir=run_dir)
-    bus.add_sink("stalled", sink, policy)
+    bus.add_sink("sink", sink, policy)
     bus.open()
     t0 = time.time()
     gc.collect()
@@ -134,37 +172,51 @@ def _one(mode: str, n: int, queue_size: int, tmp: Path, checks: Checks) -> dict[
                 time.sleep(0.05)  # the bus catches up: the queue is full, nothing dropped yet
                 rss_at_fill = _status_kb("VmRSS")
     published_s = time.perf_counter() - start
-    # Wait until the bus has taken every event: queued + dropped + the batch inside the hung write.
+    # Wait until the bus has taken every event. Stalled: queued + spilled + dropped + the
+    # batch inside the hung write. Healthy: delivered.
     deadline = time.monotonic() + 300
     batch = policy.batch_size
     while time.monotonic() < deadline:
-        h = bus.stats()["stalled"]
-        if h.spilled + h.dropped + h.queue_depth >= n - batch and not bus._ingress and not bus._pending:
+        h = bus.stats()["sink"]
+        if stalled_sink is not None:
+            taken = h.spilled + h.dropped + h.queue_depth >= n - batch
+        else:
+            taken = h.delivered + h.dropped >= n
+        if taken and not bus._ingress and not bus._pending:
             break
         time.sleep(0.02)
     drained_s = time.perf_counter() - start
     time.sleep(0.1)
-    stalled = bus.stats()["stalled"]
+    before_close = bus.stats()["sink"]
     hwm = _status_kb("VmHWM")
     rss = _status_kb("VmRSS")
-    in_write = n - stalled.spilled - stalled.dropped - stalled.queue_depth
-    checks.check(f"{mode}: queue held at the bound", stalled.queue_depth == queue_size,
-                 f"queue depth {stalled.queue_depth} (bound {queue_size}), in the hung write {in_write}")
-    checks.check(f"{mode}: excess spilled, none dropped",
-                 stalled.dropped == 0 and stalled.spilled == n - queue_size - in_write and 0 < in_write <= batch,
-                 f"spilled {stalled.spilled}, dropped {stalled.dropped} of {n} while stalled")
-    sink.release()
+    what = mode if stalled_sink is not None else f"{mode}, healthy sink"
+    if stalled_sink is not None:
+        in_write = n - before_close.spilled - before_close.dropped - before_close.queue_depth
+        checks.check(f"{what}: queue held at the bound", before_close.queue_depth == queue_size,
+                     f"queue depth {before_close.queue_depth} (bound {queue_size}), in the hung write {in_write}")
+        checks.check(f"{what}: excess spilled, none dropped",
+                     before_close.dropped == 0 and before_close.spilled == n - queue_size - in_write
+                     and 0 < in_write <= batch,
+                     f"spilled {before_close.spilled}, dropped {before_close.dropped} of {n} while stalled")
+        stalled_sink.release()
+    else:
+        checks.check(f"{what}: every event delivered before the close, none dropped",
+                     before_close.delivered == n and before_close.dropped == 0 and sink.received == n,
+                     f"delivered {before_close.delivered}/{n} (sink received {sink.received}), "
+                     f"dropped {before_close.dropped}, spilled {before_close.spilled}")
     closed = bus.close(timeout=300.0)
-    final = bus.stats()["stalled"]
-    checks.check(f"{mode}: close", closed, f"bus.close() returned {closed}")
-    checks.expect_equal(f"{mode}: every event delivered", final.delivered, n, "delivered")
-    checks.expect_equal(f"{mode}: sink received", sink.received, n, "sink received")
+    final = bus.stats()["sink"]
+    checks.check(f"{what}: close", closed, f"bus.close() returned {closed}")
+    checks.expect_equal(f"{what}: every event delivered", final.delivered, n, "delivered")
+    checks.expect_equal(f"{what}: sink received", sink.received, n, "sink received")
     reader = JournalReader(run_dir)
     records = sum(1 for _ in reader)
-    checks.check(f"{mode}: journal", records == n and reader.skipped_bytes == 0,
+    checks.check(f"{what}: journal", records == n and reader.skipped_bytes == 0,
                  f"journal records {records}/{n}, skipped_bytes={reader.skipped_bytes}")
     return {
         "mode": mode,
+        "sink": sink_kind,
         "events": n,
         "queue_size": queue_size,
         "peak_reset": reset,
@@ -176,44 +228,71 @@ def _one(mode: str, n: int, queue_size: int, tmp: Path, checks: Checks) -> dict[
         "growth_at_fill_mb": (rss_at_fill - rss0) / 1024 if rss_at_fill else None,
         "publish_s": published_s,
         "drain_s": drained_s,
-        "spilled_while_stalled": stalled.spilled,
-        "dropped_while_stalled": stalled.dropped,
+        # Stalled: while stalled (before the release); healthy: before the close.
+        "spilled_while_stalled": before_close.spilled,
+        "dropped_while_stalled": before_close.dropped,
         "delivered_after_release": final.delivered,
     }
 
 
-def _run_mode(mode: str, n: int, queue_size: int, tmp: Path) -> dict[str, Any]:
-    """One publishing pattern, in this process (call it in a fresh one)."""
+def _run_mode(mode: str, sink_kind: str, n: int, queue_size: int, tmp: Path) -> dict[str, Any]:
+    """One publishing pattern with one sink, in this process (call it in a fresh one)."""
     checks = Checks()
-    row = _one(mode, n, queue_size, tmp, checks)
+    row = _one(mode, sink_kind, n, queue_size, tmp, checks)
     return {"row": row, "checks": checks.items}
 
 
+def _control_summary(row: dict[str, Any]) -> dict[str, Any]:
+    """What the report keeps of a healthy-sink control run."""
+    keys = ("growth_mb", "growth_at_fill_mb", "peak_mb", "rss_before_mb", "rss_after_mb", "publish_s", "drain_s",
+            "spilled_while_stalled", "dropped_while_stalled", "delivered_after_release", "peak_reset")
+    return {key: row[key] for key in keys}
+
+
 def run(n: int, queue_size: int, tmp: Path) -> dict[str, Any]:
-    """Both publishing patterns, each in a fresh interpreter (freed memory is not returned to the OS)."""
+    """Both publishing patterns, with the stalled sink and the healthy control, each in a fresh interpreter.
+
+    Fresh interpreters because freed memory is not returned to the OS.
+    """
     checks = Checks()
-    per_event = bytes_per_event()
+    per_event, requested_per_event = bytes_per_event()
     bound_mb = per_event * queue_size / 2**20
+    requested_bound_mb = requested_per_event * queue_size / 2**20
     rows = []
     for mode in ("paced", "burst"):
-        out = tmp / f"{mode}.json"
-        cmd = [sys.executable, "-m", "benchmarks.memory_growth", "--mode", mode, "--events", str(n),
-               "--queue-size", str(queue_size), "--json-out", str(out)]
-        proc = subprocess.run(cmd, cwd=REPO_ROOT, env=_env(), timeout=600, stdout=subprocess.DEVNULL)
-        if not out.exists():
-            checks.check(f"{mode}: ran", False, f"exit status {proc.returncode}, no result")
+        parts: dict[str, dict[str, Any]] = {}
+        for sink_kind in ("stalled", "healthy"):
+            out = tmp / f"{mode}-{sink_kind}.json"
+            cmd = [sys.executable, "-m", "benchmarks.memory_growth", "--mode", mode, "--sink", sink_kind,
+                   "--events", str(n), "--queue-size", str(queue_size), "--json-out", str(out)]
+            proc = subprocess.run(cmd, cwd=REPO_ROOT, env=_env(), timeout=600, stdout=subprocess.DEVNULL)
+            what = mode if sink_kind == "stalled" else f"{mode}, healthy sink"
+            if not out.exists():
+                checks.check(f"{what}: ran", False, f"exit status {proc.returncode}, no result")
+                continue
+            part = json.loads(out.read_text(encoding="utf-8"))
+            checks.items.extend(part["checks"])
+            parts[sink_kind] = part["row"]
+        row = parts.get("stalled")
+        if row is None:
             continue
-        part = json.loads(out.read_text(encoding="utf-8"))
-        checks.items.extend(part["checks"])
-        row = part["row"]
+        control = parts.get("healthy")
         row["bound_mb"] = bound_mb
         row["growth_vs_bound"] = row["growth_mb"] / bound_mb
+        row["control"] = _control_summary(control) if control is not None else None
+        row["stall_cost_mb"] = row["growth_mb"] - control["growth_mb"] if control is not None else None
+        row["stall_cost_vs_bound"] = row["stall_cost_mb"] / bound_mb if control is not None else None
         rows.append(row)
+        control_text = (f"; healthy sink {control['growth_mb']:.1f} MB; the stall's own cost "
+                        f"{row['stall_cost_mb']:.1f} MB ({row['stall_cost_vs_bound']:.2f}x)" if control else "")
         print(f"  {mode:<6} {n:,} events, queue bound {queue_size:,} ({bound_mb:.1f} MB): peak RSS growth "
-              f"{row['growth_mb']:.1f} MB ({row['growth_vs_bound']:.2f}x the bound)", file=sys.stderr, flush=True)
+              f"{row['growth_mb']:.1f} MB with the stalled sink ({row['growth_vs_bound']:.2f}x the bound)"
+              f"{control_text}", file=sys.stderr, flush=True)
     return {
         "benchmark": "memory_growth",
-        "params": {"events": n, "queue_size": queue_size, "k": K, "bytes_per_event": per_event, "bound_mb": bound_mb},
+        "params": {"events": n, "queue_size": queue_size, "k": K, "bytes_per_event": per_event,
+                   "requested_bytes_per_event": requested_per_event, "bound_mb": bound_mb,
+                   "requested_bound_mb": requested_bound_mb},
         "rows": rows,
         "checks": checks.items,
         "ok": checks.ok,
@@ -232,12 +311,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--queue-size", type=int, default=100_000, help="the sink's queue bound (default 100000)")
     parser.add_argument("--quick", action="store_true", help="100k events, queue bound 10k")
     parser.add_argument("--mode", choices=["paced", "burst"], help=argparse.SUPPRESS)
+    parser.add_argument("--sink", choices=["stalled", "healthy"], default="stalled", help=argparse.SUPPRESS)
     parser.add_argument("--json-out", help="write the result as JSON here (default: stdout)")
     args = parser.parse_args(argv)
     n, q = (100_000, 10_000) if args.quick else (args.events, args.queue_size)
     if args.mode:
         with tempfile.TemporaryDirectory(prefix="expbus-bench-mem-") as tmp:
-            emit(_run_mode(args.mode, n, q, Path(tmp)), args.json_out)
+            emit(_run_mode(args.mode, args.sink, n, q, Path(tmp)), args.json_out)
         return 0
     print(f"memory_growth: {n:,} events, queue bound {q:,}", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="expbus-bench-mem-") as tmp:

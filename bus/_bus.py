@@ -56,6 +56,8 @@ log = logging.getLogger("expbus.bus")
 _MAX_DRAIN = 50_000
 # Events the fan-out hands to sink queues between two yields to the loop.
 _FANOUT_SLICE = 1024
+# Encoded events the pump hands to the journal writer at a time.
+_JOURNAL_SLICE = 1024
 # Position of an event the journal did not record (no journal, or it failed).
 _UNJOURNALED = -1
 
@@ -432,8 +434,6 @@ class Bus:
     async def _pump(self) -> None:
         ingress = self._ingress
         pending = self._pending
-        journal = self._journal
-        pop = ingress.popleft
         while True:
             if not ingress:
                 if self._stop_requested.is_set():
@@ -441,62 +441,99 @@ class Bus:
                     return
                 await anyio.sleep(self.poll_interval)
                 continue
-            items: list[Any] = []
-            append = items.append
-            try:
-                for _ in range(_MAX_DRAIN):
-                    append(pop())
-            except IndexError:
-                pass
-            if self.value_resolver is not None:
-                resolve_values_in_bulk(items, self.value_resolver)
-            # (journal position, event or marker) pairs, in publication order.
-            resolved: list[tuple[int, Any]] = []
-            payloads: list[bytes] = []
-            sync_requested = False
-            # Positions are only trusted while the journal has never failed.
-            position = (journal.first_position + journal.records
-                        if journal is not None and not self._journal_errors else None)
-            for item in items:
-                if isinstance(item, Marker):
-                    sync_requested = True
-                    resolved.append((_UNJOURNALED, item))
-                    continue
-                try:
-                    event = resolve_event(item)
-                except Exception as exc:
-                    self._report_unresolvable(item, exc)
-                    continue
-                if journal is not None:
-                    try:
-                        payloads.append(to_msgpack(event))
-                    except Exception as exc:
-                        self._report_unresolvable(event, exc)
-                        resolved.append((_UNJOURNALED, event))
-                        continue
-                if position is None:
-                    resolved.append((_UNJOURNALED, event))
-                else:
-                    resolved.append((position, event))
-                    position += 1
-            if journal is not None and (payloads or sync_requested):
-                try:
-                    journal.append(payloads)
-                    if sync_requested:
-                        journal.sync()
-                    else:
-                        journal.commit()
-                except OSError as exc:
-                    self._journal_error(exc)
-                    # Not (reliably) written: these events hold no journal position.
-                    resolved = [(_UNJOURNALED, item) for _, item in resolved]
-            for _, item in resolved:
-                if isinstance(item, Marker):
-                    item.ack(self._journal_errors == 0)  # the journal's acknowledgement
-            pending.extend(resolved)
+            # The drain's lists live in _drain's frame only: nothing of it stays referenced
+            # here while the pump sleeps.
+            pending.extend(self._drain())
             if self._pending_wake is not None:
                 self._pending_wake.set()
             await anyio.sleep(0)
+
+    def _drain(self) -> list[tuple[int, list[Any]]]:
+        """Take up to ``_MAX_DRAIN`` items from the ingress: resolve, journal, acknowledge markers.
+
+        Returns the drain as *runs* ``(first, items)`` in publication order: the events of a
+        run have consecutive journal positions from ``first`` on (a marker holds none and
+        takes none), or none at all when ``first`` is ``_UNJOURNALED``. One run per drain,
+        nearly always: no tuple or int object per event.
+        """
+        journal = self._journal
+        pop = self._ingress.popleft
+        items: list[Any] = []
+        append = items.append
+        try:
+            for _ in range(_MAX_DRAIN):
+                append(pop())
+        except IndexError:
+            pass
+        if self.value_resolver is not None:
+            resolve_values_in_bulk(items, self.value_resolver)
+        runs: list[tuple[int, list[Any]]] = []
+        markers: list[Marker] = []
+        # Encoded events not yet handed to the journal: written every _JOURNAL_SLICE, so that
+        # a drain's payloads are never all in memory at once.
+        payloads: list[bytes] = []
+        wrote = False
+        failure: OSError | None = None
+        # Positions are only trusted while the journal has never failed.
+        position = (journal.first_position + journal.records
+                    if journal is not None and not self._journal_errors else None)
+        first = _UNJOURNALED if position is None else position
+        run: list[Any] = []
+        add = run.append
+        for item in items:
+            if isinstance(item, Marker):
+                markers.append(item)
+                add(item)
+                continue
+            try:
+                event = resolve_event(item)
+            except Exception as exc:
+                self._report_unresolvable(item, exc)
+                continue
+            if journal is not None and failure is None:
+                try:
+                    payloads.append(to_msgpack(event))
+                except Exception as exc:
+                    self._report_unresolvable(event, exc)
+                    if position is None:
+                        add(event)
+                    else:
+                        # Not journaled: a run of its own, and it takes no position.
+                        runs.append((first, run))
+                        runs.append((_UNJOURNALED, [event]))
+                        run = []
+                        add = run.append
+                        first = position
+                    continue
+                if len(payloads) >= _JOURNAL_SLICE:
+                    try:
+                        journal.append(payloads)
+                    except OSError as exc:
+                        failure = exc
+                    wrote = True
+                    payloads = []
+            add(event)
+            if position is not None:
+                position += 1
+        runs.append((first, run))
+        del items, run, add
+        if journal is not None and failure is None and (payloads or wrote or markers):
+            try:
+                journal.append(payloads)
+                if markers:
+                    journal.sync()
+                else:
+                    journal.commit()
+            except OSError as exc:
+                failure = exc
+        del payloads
+        if failure is not None:
+            self._journal_error(failure)
+            # Not (reliably) written: these events hold no journal position.
+            runs = [(_UNJOURNALED, events) for _, events in runs]
+        for marker in markers:
+            marker.ack(self._journal_errors == 0)  # the journal's acknowledgement
+        return runs
 
     async def _deliver_catch_up(self) -> None:
         """Feed each lagging sink the journal records it has not acknowledged, in order."""
@@ -534,21 +571,26 @@ class Bus:
             while not pending:
                 self._pending_wake = anyio.Event()
                 await self._pending_wake.wait()
-            since_yield += 1
-            if since_yield >= _FANOUT_SLICE:
-                # Let the sink workers hand full batches to their threads during a burst,
-                # rather than filling every queue first (which would drop under drop_newest).
-                since_yield = 0
-                await anyio.sleep(0)
-            position, item = pending.popleft()
-            if isinstance(item, Marker):
+            position, run = pending.popleft()
+            for index, item in enumerate(run):
+                # Let go of each item as it is handed on (a run can be a whole drain).
+                run[index] = None
+                since_yield += 1
+                if since_yield >= _FANOUT_SLICE:
+                    # Let the sink workers hand full batches to their threads during a burst,
+                    # rather than filling every queue first (which would drop under drop_newest).
+                    since_yield = 0
+                    await anyio.sleep(0)
+                if isinstance(item, Marker):
+                    for runner in runners:
+                        runner.offer_marker(item)
+                    continue
                 for runner in runners:
-                    runner.offer_marker(item)
-                continue
-            for runner in runners:
-                if not runner.offer(item, position):
-                    await runner.wait_for_space()
-                    runner.offer(item, position)
+                    if not runner.offer(item, position):
+                        await runner.wait_for_space()
+                        runner.offer(item, position)
+                if position >= 0:
+                    position += 1
 
     def _journal_error(self, exc: OSError) -> None:
         self._journal_errors += 1

@@ -25,6 +25,7 @@ from ._cursor import CursorStore
 from ._events import Event
 from ._health import SinkHealth, SinkState
 from ._journal import JournalTail
+from ._positions import PositionRuns
 from ._sink import SinkContext, SinkPolicy, TransientSinkError
 
 __all__ = ["SinkRunner", "Marker", "FlushRequest", "CloseRequest"]
@@ -121,8 +122,9 @@ class SinkRunner:
         self.policy = policy
         self.queue: deque[Event | Marker] = deque()
         # Journal positions of the queued events, in queue order (markers have none);
-        # -1 for an event the journal did not record.
-        self._positions: deque[int] = deque()
+        # -1 for an event the journal did not record. Kept as runs of consecutive
+        # positions: no int object per queued event.
+        self._positions = PositionRuns()
         self.events_queued = 0
         self.markers_queued = 0
         self.state: SinkState = "starting"
@@ -376,8 +378,7 @@ class SinkRunner:
             if isinstance(head, Marker):
                 break
             batch.append(q.popleft())  # type: ignore[arg-type]
-        pop_position = self._positions.popleft
-        positions = [pop_position() for _ in batch]
+        positions = self._positions.popleft_many(len(batch))
         self.events_queued -= len(batch)
         if q:
             self._first_arrival = time.monotonic()
