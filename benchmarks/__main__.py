@@ -31,7 +31,7 @@ from typing import Any
 
 from benchmarks.report import REPO_ROOT, default_out_path, environment, loadavg, render
 
-BENCHMARKS = ["step_overhead", "publish_overhead", "drain_throughput", "memory_growth", "import_time"]
+BENCHMARKS = ["step_overhead", "step_pairs", "publish_overhead", "drain_throughput", "memory_growth", "import_time"]
 
 
 def _run_one(name: str, quick: bool, timeout: float, workdir: Path) -> tuple[dict[str, Any] | None, str]:

@@ -294,29 +294,92 @@ def _step_section(res: dict[str, Any]) -> list[str]:
 
 def _memory_section(res: dict[str, Any]) -> list[str]:
     p = res["params"]
+    requested = p.get("requested_bytes_per_event")
+    requested_text = (f" (the bytes requested: {requested:.0f}, {p['requested_bound_mb']:.1f} MB)"
+                      if requested is not None else "")
     out = [
         "## Memory with a stalled sink (peak RSS growth)",
         "",
         f"{p['events']:,} `Metrics` events (K={p['k']}, a new values dict each, as the bridge publishes) into a bus "
         f"whose only sink hangs in `write`, under the default policy with `queue_size={p['queue_size']:,}`; the "
-        f"bound is the queue size times the {p['bytes_per_event']:.0f} bytes one queued event holds (tracemalloc). "
-        "Peak RSS (`VmHWM`) against the RSS before the first publish, each pattern in a fresh process. `paced`: "
+        f"bound is the queue size times the {p['bytes_per_event']:.0f} bytes one queued event holds{requested_text}: "
+        "tracemalloc over events kept in a deque, the deque slot included, each block counted as the allocator "
+        "hands it out (pymalloc's 16-byte size classes; glibc's header above 512 bytes); not included: pool "
+        "headers and the batch inside the hung `write`. "
+        "Peak RSS (`VmHWM`) against the RSS before the first publish, each run in a fresh process. `paced`: "
         "250 events then a 1 ms sleep (the bus keeps up); `burst`: one tight loop (the publisher outruns the "
         "bus thread and the ingress, which has no bound, grows too). *At fill*: RSS growth when the queue had "
-        "just filled (paced only). Events beyond the queue spill to the journal (counted, not dropped) and reach "
-        "the sink once it is released. See `benchmarks/memory_growth.py`.",
+        "just filled (paced only). *Healthy sink*: the same run with a sink whose `write` returns at once (what "
+        "the bus costs at that rate whatever the sink); *the stall's own cost* is the stalled run's growth minus "
+        "it. Events beyond the queue spill to the journal (counted, not dropped) and reach the sink once it is "
+        "released. See `benchmarks/memory_growth.py`.",
         "",
         "| publishing | events | queue bound | bound MB | RSS growth at fill MB | peak RSS growth MB | growth / bound "
+        "| healthy sink: peak RSS growth MB | the stall's own cost MB | cost / bound "
         "| spilled (dropped) while stalled | delivered after release |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    controls = []
     for r in res["rows"]:
         fill = r.get("growth_at_fill_mb")
+        control = r.get("control")
+        cost = r.get("stall_cost_mb")
+        control_cell = f"{control['growth_mb']:.1f}" if control else "-"
+        cost_cells = f"{cost:.1f} | {r['stall_cost_vs_bound']:.2f}x" if cost is not None else "- | -"
         out.append(
             f"| {r['mode']} | {r['events']:,} | {r['queue_size']:,} | {r['bound_mb']:.1f} "
             f"| {f'{fill:.1f}' if fill is not None else '-'} | {r['growth_mb']:.1f} "
-            f"| {r['growth_vs_bound']:.2f}x | {r.get('spilled_while_stalled', 0):,} ({r['dropped_while_stalled']:,}) "
+            f"| {r['growth_vs_bound']:.2f}x | {control_cell} | {cost_cells} "
+            f"| {r.get('spilled_while_stalled', 0):,} ({r['dropped_while_stalled']:,}) "
             f"| {r['delivered_after_release']:,} |"
+        )
+        if control:
+            controls.append((r["mode"], control))
+    out.append("")
+    if controls:
+        out += [
+            "The healthy-sink control runs (every event delivered before the close; *spilled*: events read back "
+            "from the journal because the queue was full when they were fanned out, as a burst can do):",
+            "",
+            "| publishing | RSS growth at fill MB | peak RSS growth MB | spilled (dropped) before the close "
+            "| delivered | publish s | until all taken s |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for mode, c in controls:
+            fill = c.get("growth_at_fill_mb")
+            out.append(
+                f"| {mode}, healthy sink | {f'{fill:.1f}' if fill is not None else '-'} | {c['growth_mb']:.1f} "
+                f"| {c['spilled_while_stalled']:,} ({c['dropped_while_stalled']:,}) "
+                f"| {c['delivered_after_release']:,} | {c['publish_s']:.1f} | {c['drain_s']:.1f} |"
+            )
+        out.append("")
+    return out
+
+
+def _pairs_section(res: dict[str, Any]) -> list[str]:
+    p = res["params"]
+    out = [
+        "## Workload (a) in pairs (the measurement behind target (a))",
+        "",
+        f"{p['pairs']} pairs of runs, each a `none` run and an `{p['config']}` run back to back (the order alternates; "
+        "every run a fresh process forked like the main benchmark's, same steps and data-arrival checks). The "
+        "overhead is taken within each pair, `median(expbus steps) / median(none steps) - 1`, so that the "
+        "machine's drift from run to run (the `none` medians' range below) cancels; the figure is the median "
+        "over pairs with a distribution-free 95% confidence interval (order statistics). *Wait*: the training "
+        "thread's wall time minus its CPU time per step (waiting for the GIL or a core). See "
+        "`benchmarks/step_pairs.py`.",
+        "",
+        "| workload | K | pairs | no logging µs (range of run medians) | expbus µs | overhead (median of pairs) "
+        "| 95% interval | wait µs/step (none / expbus) | every pair |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in res["rows"]:
+        lo, hi = r["none_run_range_us"]
+        out.append(
+            f"| {r['workload']} | {r['k']} | {r['pairs']} | {r['none_median_us']:,.0f} ({lo:,.0f}-{hi:,.0f}) "
+            f"| {r['expbus_median_us']:,.0f} | {r['overhead_pct']:+.1f}% ({r['overhead_us']:+,.0f} µs) "
+            f"| {r['ci_low_pct']:+.1f}% .. {r['ci_high_pct']:+.1f}% | {r['wait_none_us']:,.0f} / "
+            f"{r['wait_expbus_us']:,.0f} | {', '.join(f'{x:+.1f}' for x in r['pair_pcts'])} |"
         )
     out.append("")
     return out
@@ -387,6 +450,8 @@ def render(
     ]
     if results.get("step_overhead") is not None:
         out += _step_section(results["step_overhead"])  # type: ignore[arg-type]
+    if results.get("step_pairs") is not None:
+        out += _pairs_section(results["step_pairs"])  # type: ignore[arg-type]
     if results.get("publish_overhead") is not None:
         out += _publish_section(results["publish_overhead"])  # type: ignore[arg-type]
     if results.get("drain_throughput") is not None:

@@ -41,7 +41,9 @@ TARGETS = [
     "Drain through the bus (journal on) into tensorboard",
     "Stalled sink",
 ]
-BENCHMARKS = ["step_overhead", "publish_overhead", "drain_throughput", "memory_growth", "import_time"]
+BENCHMARKS = [
+    "step_overhead", "step_pairs", "publish_overhead", "drain_throughput", "memory_growth", "import_time",
+]
 
 
 def _cells(line: str) -> list[str]:
@@ -104,6 +106,13 @@ def test_quick_benchmark_run_writes_a_complete_report(tmp_path: Path) -> None:
                 rows = [cells for cells in rows if len(cells) == 13]
                 assert len(rows) == 1, f"no single step row for {label!r} {workload} K={k}"
                 float(rows[0][3].replace(",", ""))  # median µs is a number
+
+    # The paired workload (a) table: one row per K, with the median of the pairs and its interval.
+    for k in STEP_KS:
+        rows = [_cells(line) for line in lines if line.startswith(f"| a | {k} | 2 |")]
+        assert len(rows) == 1, f"no single paired row for a K={k}"
+        assert rows[0][5].endswith("µs)") and ".." in rows[0][6], rows[0]
+    assert "paired runs (2 pairs)" in summary
 
     # Memory and import tables.
     for mode in ("paced", "burst"):
@@ -199,3 +208,12 @@ def test_latest_results_picks_the_latest_date(tmp_path: Path) -> None:
     for name in ("2026-11-27-b.md", "2026-11-28-a.md", "2025-12-31-z.md", "notes.md"):
         _results_file(tmp_path, name, "x")
     assert latest_results(tmp_path).name == "2026-11-28-a.md"
+
+
+def test_the_pairs_interval_is_the_order_statistics_of_the_median() -> None:
+    from benchmarks.step_pairs import median_interval
+
+    # n=10: P(Binomial(10, 1/2) < 2) = 11/1024, so [x_(2), x_(9)] covers 97.9% >= 95%; [x_(3), x_(8)] only 89%.
+    assert median_interval([float(x) for x in range(10, 0, -1)]) == (2.0, 9.0)
+    assert median_interval([1.0, 2.0, 3.0]) == (1.0, 3.0)  # too few values: the whole range
+    assert median_interval([float(x) for x in range(20)]) == (5.0, 14.0)  # P(B(20, 1/2) < 6) = 2.07%
