@@ -194,7 +194,7 @@ def _headline_table(results: dict[str, Any]) -> list[str]:
         f"{p['repeats']} fresh processes per configuration, interleaved). Lightning: its CSV, TensorBoard, "
         "MLflow (sqlite) and W&B (offline) loggers. expbus: `BridgeCallback` with `logger=False` and the same "
         "backends as sinks, plus jsonl, dllogger and the journal, each sink where its default puts it (`workers:` "
-        "`process` for MLflow, `thread` for the others); *all on threads* and *all in processes* force "
+        "`process` for MLflow and W&B, `thread` for the others); *all on threads* and *all in processes* force "
         "`bus.workers: thread` / `process` (overhead, and as a fraction of Lightning's). Workload (a) is a "
         f"{p['matmul_n']}x{p['matmul_n']} matmul ({p['matmul_ms']:.2f} ms, GIL released) plus the tiny step; "
         "(b) is `Linear(32, 32)` on a batch of 8. K metrics are logged every step with `self.log`.",

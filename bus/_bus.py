@@ -15,6 +15,7 @@ child. Fetch ``bus.publish`` when you call it; do not keep it beyond the bus's l
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
@@ -79,7 +80,8 @@ class Bus:
         journal: write the journal (``run_dir/journal.msgpack``).
         journal_name: file name of the journal inside ``run_dir``.
         fsync_interval: at most this many seconds between journal fsyncs.
-        poll_interval: how often the bus thread drains the ingress (seconds).
+        poll_interval: how often the bus thread drains the ingress (seconds); ``flush`` and
+            ``close`` wake it at once.
         open_timeout: deadline for every sink's ``open``.
         global_rank: this process's rank (sinks with ``rank_zero_only`` are skipped
             on other ranks).
@@ -114,7 +116,7 @@ class Bus:
         journal: bool = True,
         journal_name: str = JOURNAL_NAME,
         fsync_interval: float = 1.0,
-        poll_interval: float = 0.05,
+        poll_interval: float = 0.2,
         open_timeout: float = 120.0,
         global_rank: int = 0,
         world_size: int = 1,
@@ -151,6 +153,10 @@ class Bus:
         self._pid = os.getpid()
         self._stop_requested = threading.Event()
         self._stop_loop: Any = None
+        # The bus thread's event loop, and the event its pump sleeps on between polls: flush,
+        # close and shutdown (never publish) wake it at once from another thread.
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pump_wake: anyio.Event | None = None
         self._unresolvable_reported = False
         for sink_id, sink in (sinks or {}).items():
             self.add_sink(sink_id, sink)
@@ -289,6 +295,7 @@ class Bus:
         # In a forked child the bus thread does not exist: stay silent.
         self.__dict__.pop("publish", None)
         self._ingress = deque()
+        self._loop = None
         self._state = "closed"
         self._journal = None
         self._runners = {}
@@ -302,6 +309,7 @@ class Bus:
             return False
         request = FlushRequest(len(self._runners) + 1)  # +1: the journal's sync
         self._ingress.append(request)
+        self._wake_pump()
         finished = request.done.wait(max(0.0, timeout))
         return finished and request.ok
 
@@ -318,6 +326,7 @@ class Bus:
         deadline = time.monotonic() + max(0.0, timeout)
         request = CloseRequest(len(self._runners) + 1)
         self._ingress.append(request)
+        self._wake_pump()
         # From here on, publish is a no-op again.
         self.__dict__.pop("publish", None)
         finished = request.done.wait(max(0.0, deadline - time.monotonic()))
@@ -329,11 +338,27 @@ class Bus:
         return finished and request.ok
 
     def _shutdown_thread(self, timeout: float) -> None:
-        # The pump polls this flag: no call into the loop from this thread.
+        # The pump polls this flag; the wake only shortens its sleep.
         self._stop_requested.set()
+        self._wake_pump()
         thread = self._thread
         if thread is not None and thread.is_alive():
             thread.join(timeout)
+
+    def _wake_pump(self) -> None:
+        """From any thread but the bus's: end the pump's sleep now (for flush, close, shutdown; never publish)."""
+        loop = self._loop
+        if loop is None:
+            return
+        try:
+            loop.call_soon_threadsafe(self._set_pump_wake)
+        except RuntimeError:
+            pass  # the loop has ended
+
+    def _set_pump_wake(self) -> None:
+        wake = self._pump_wake
+        if wake is not None:
+            wake.set()
 
     def catch_up_plan(self) -> dict[str, tuple[int, int]]:
         """After :meth:`open`: ``sink id -> (cursor, journal end)`` at open, for every sink with a cursor.
@@ -385,6 +410,7 @@ class Bus:
     async def _main(self, started: Future[None]) -> None:
         stop_loop = anyio.Event()
         self._stop_loop = stop_loop
+        self._loop = asyncio.get_running_loop()
         await self._open_sinks(started)
         if started.done():
             return
@@ -439,7 +465,13 @@ class Bus:
                 if self._stop_requested.is_set():
                     self._stop_loop.set()
                     return
-                await anyio.sleep(self.poll_interval)
+                # Every wake-up of this thread is a round trip of the GIL that a busy training
+                # thread pays for (a forced switch, two thread wake-ups), so it polls rarely;
+                # a flush, close or shutdown request wakes it at once (_wake_pump).
+                wake = self._pump_wake = anyio.Event()
+                with anyio.move_on_after(self.poll_interval):
+                    await wake.wait()
+                self._pump_wake = None
                 continue
             # The drain's lists live in _drain's frame only: nothing of it stays referenced
             # here while the pump sleeps.

@@ -85,10 +85,10 @@ class BusConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         open_timeout: deadline for every sink's ``open``.
         workers: ``thread`` or ``process``: where a sink without its own ``workers:`` key
             runs (see :func:`sink_workers`); ``None`` (the default) leaves it to each sink's
-            default (``process`` for ``mlflow``, see :data:`DEFAULT_WORKERS`; else ``thread``).
+            default (``process`` for ``mlflow`` and ``wandb``, see :data:`DEFAULT_WORKERS`; else ``thread``).
     """
 
-    poll_interval: float = 0.05
+    poll_interval: float = 0.2
     flush_timeout: float = 10.0
     close_timeout: float = 30.0
     open_timeout: float = 120.0

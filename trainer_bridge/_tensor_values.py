@@ -1,13 +1,12 @@
 """Resolves the tensors of many logged values at once, in the bus thread (the bridge's ``value_resolver``).
 
-Lightning hands ``log_metrics`` 0-dim tensors. Resolving each with ``item()`` costs one
-dispatcher call per value, each of which lets the GIL go and takes it back: at K=100
-metrics per step that is 100 GIL handoffs per step in a thread that competes with the
-training thread, and on a GPU 100 device-to-host copies. Stacking every 0-dim tensor of
-one drain that shares a device and dtype, then one ``tolist()``, does the same work in two
-calls per group (and one copy per device). On the CPU the stack costs more than the
-``item()`` calls it replaces (31 µs against 17 µs for 100 values on the 2-core VM), so the
-bridge uses this resolver only when the strategy's root device is an accelerator.
+Lightning hands ``log_metrics`` 0-dim tensors. On an accelerator, reading each one costs a
+device-to-host copy and a synchronisation: at K=100 metrics per step, 100 of them. Stacking
+every 0-dim tensor of one drain that shares a device and dtype, then one ``tolist()``, does
+the same in two calls per group (one copy per device). On the CPU the stack costs more than
+the per-value reads it replaces (31 µs against 17 µs for 100 values on the 2-core VM), so the
+bridge uses this resolver only when the strategy's root device is an accelerator. On the
+CPU, :func:`expbus.bus.resolve_value` reads each value with ``tolist()``, which keeps the GIL.
 
 The numbers are the ones ``item()`` gives (``tolist`` converts element by element exactly
 as ``item`` does), with booleans as floats, as :func:`expbus.bus.resolve_value` makes them.
@@ -43,7 +42,7 @@ def resolve_tensor_values(values: list[Any]) -> list[Any]:
     with torch.no_grad():
         for (_, dtype), indices in groups.items():
             if len(indices) == 1:
-                numbers = [values[indices[0]].item()]
+                numbers = [values[indices[0]].tolist()]  # no GIL release, unlike item()
             else:
                 numbers = torch.stack([values[i] for i in indices]).tolist()
             if dtype is torch.bool:

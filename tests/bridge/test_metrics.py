@@ -106,21 +106,25 @@ def test_a_logged_step_key_wins_and_is_not_a_value(tmp_path: Path, make_trainer:
 
 def test_no_item_call_on_the_training_thread_for_the_bridge(tmp_path: Path, make_trainer: Any, tiny: Any,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    # A tensor's value is read with item() or tolist() (the bus uses tolist: it keeps the GIL).
     calls: list[tuple[str, bool]] = []  # (thread name, a bridge frame is on the stack)
-    real_item = torch.Tensor.item
 
-    def recording_item(self: torch.Tensor) -> Any:
-        frame = sys._getframe(1)
-        from_bridge = False
-        while frame is not None:
-            if frame.f_code.co_filename.startswith(BRIDGE_DIR):
-                from_bridge = True
-                break
-            frame = frame.f_back  # type: ignore[assignment]
-        calls.append((threading.current_thread().name, from_bridge))
-        return real_item(self)
+    def recording(real: Any) -> Any:
+        def read(self: torch.Tensor) -> Any:
+            frame = sys._getframe(1)
+            from_bridge = False
+            while frame is not None:
+                if frame.f_code.co_filename.startswith(BRIDGE_DIR):
+                    from_bridge = True
+                    break
+                frame = frame.f_back  # type: ignore[assignment]
+            calls.append((threading.current_thread().name, from_bridge))
+            return real(self)
 
-    monkeypatch.setattr(torch.Tensor, "item", recording_item)
+        return read
+
+    monkeypatch.setattr(torch.Tensor, "item", recording(torch.Tensor.item))
+    monkeypatch.setattr(torch.Tensor, "tolist", recording(torch.Tensor.tolist))
     memory = MemorySink()
     model, data = tiny()
     make_trainer([BridgeCallback(run_dir=tmp_path / "run", sinks={"mem": memory})]).fit(model, datamodule=data)

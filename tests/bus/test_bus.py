@@ -492,7 +492,7 @@ def test_bus_cannot_be_pickled(run_dir: Path) -> None:
 
 def test_health_reports_queue_depth_and_lag(run_dir: Path) -> None:
     blocked = BlockedSink()
-    bus = Bus(run_dir)
+    bus = Bus(run_dir, poll_interval=0.01)  # drained well within the 0.2 s the test waits
     bus.add_sink("b", blocked, SinkPolicy(batch_size=1, batch_delay=0))
     bus.open()
     for i in range(5):
@@ -514,3 +514,19 @@ def test_close_logs_a_summary_per_sink(run_dir: Path, caplog: pytest.LogCaptureF
     assert "one: closed delivered=1 dropped=0" in summary
     assert "two: closed delivered=1 dropped=0" in summary
     assert "journal:" in summary
+
+
+def test_flush_and_close_wake_a_bus_that_polls_rarely(run_dir: Path) -> None:
+    # The pump sleeps poll_interval between drains; flush and close must not wait for it
+    # (with a 1-hour poll, both would miss their 20 s deadlines without the wake).
+    sink = MemorySink()
+    bus = Bus(run_dir, sinks={"m": sink}, poll_interval=3600.0)
+    bus.open()
+    for i in range(10):
+        bus.publish(metrics(i))
+    assert bus.flush(20)
+    assert [e.step for e in sink.events] == list(range(10))  # type: ignore[attr-defined]
+    bus.publish(metrics(10))
+    assert bus.close(20)
+    assert [e.step for e in sink.events] == list(range(11))  # type: ignore[attr-defined]
+    assert sink.closed

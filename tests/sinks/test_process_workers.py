@@ -512,6 +512,8 @@ _PARENT = textwrap.dedent(
     for i in range(20, 30):
         bus.publish(Metrics(time=time.time(), step=i, values={"x": float(i)}))
     ok = bus.flush(30) and bus.close(30)
+    from expbus.sinks._process import wait_for_workers
+    wait_for_workers(30)  # close returns once the child's sink closed; its exit follows
     print(sink.returncode, flush=True)
     sys.exit(0 if ok else 3)
     '''
