@@ -17,10 +17,12 @@ What it measures (only where ``torch.cuda.is_available()``; elsewhere it says so
       raises a warning in the thread that made it; the benchmark records the thread of each.
       The bridge adds no sync when ``E:all`` shows no more training-thread syncs than ``none``.
       Lightning's loggers show K per step (``convert_tensors_to_scalars`` calls ``.item()``).
-      The expbus bus thread shows K per step too: it resolves the tensors with ``.item()``,
-      a sync in that thread (it never blocks the training thread, but it is one).
+      The expbus bus thread shows about one per drain (every ``bus.poll_interval``) instead:
+      on an accelerator the bridge's ``value_resolver`` stacks a drain's tensors per device and
+      dtype and reads them with one ``tolist()``, a sync in that thread (it never blocks the
+      training thread, but it is one).
     * ``error`` for ``E:all``, as the benchmarks issue asks: the training thread must not raise.
-      Because the mode is global, the bus thread's ``.item()`` raises as well, the bus cannot
+      Because the mode is global, the bus thread's read raises as well, the bus cannot
       resolve those events and they are lost (reported, not hidden): resolving in the bus thread
       without a sync needs the deferred copy described in the notes below.
 
