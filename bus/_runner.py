@@ -26,7 +26,7 @@ from ._events import Event
 from ._health import SinkHealth, SinkState
 from ._journal import JournalTail
 from ._positions import PositionRuns
-from ._sink import SinkContext, SinkPolicy, TransientSinkError
+from ._sink import SinkContext, SinkPolicy, TransientSinkError, open_args
 
 __all__ = ["SinkRunner", "Marker", "FlushRequest", "CloseRequest"]
 
@@ -226,14 +226,7 @@ class SinkRunner:
         """Open the sink (raises what the sink's ``open`` raises)."""
         opener = getattr(self.sink, "open", None)
         if opener is not None:
-            try:
-                params = inspect.signature(opener).parameters
-            except (TypeError, ValueError):
-                params = {}  # type: ignore[assignment]
-            if params:
-                await self._call(opener, context)
-            else:
-                await self._call(opener)
+            await self._call(opener, *open_args(opener, context))
         self.state = "open"
 
     # -- the queue --------------------------------------------------------------------

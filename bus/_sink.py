@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 import os
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Literal, Protocol, runtime_checkable
 
@@ -154,3 +155,12 @@ class SinkOpenError(RuntimeError):
         self.cause = cause
         detail = cause if isinstance(cause, str) else f"{type(cause).__name__}: {cause}"
         super().__init__(f"sink {sink_id!r} failed to open: {detail}")
+
+
+def open_args(opener: Callable[..., object], context: SinkContext) -> tuple[SinkContext, ...]:
+    """The arguments to call a sink's ``open`` with: ``(context,)``, or ``()`` for an ``open()`` without parameters."""
+    try:
+        params = inspect.signature(opener).parameters
+    except (TypeError, ValueError):
+        return ()
+    return (context,) if params else ()

@@ -29,6 +29,7 @@ from typing import Any
 import msgspec
 
 from expbus.bus import AnyEvent, SinkContext, TransientSinkError
+from expbus.bus._sink import open_args
 
 from ._process import (
     OP_CLOSE,
@@ -201,14 +202,7 @@ class _Worker:
         self.sink, _policy = create_sink(self.sink_id, {"type": request.type, **request.options})
         opener = getattr(self.sink, "open", None)
         if opener is not None:
-            try:
-                params = inspect.signature(opener).parameters
-            except (TypeError, ValueError):
-                params = {}  # type: ignore[assignment]
-            if params:
-                self._invoke(opener, context)
-            else:
-                self._invoke(opener)
+            self._invoke(opener, *open_args(opener, context))
         self.opened = True
 
     def _handle(self, op: int, payload: bytes) -> None:
