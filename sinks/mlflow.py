@@ -26,6 +26,7 @@ from expbus.bus import (
 )
 
 from ._flatten import flatten_params
+from ._mlflow_sql import SqliteMetricWriter
 from ._optional import require
 from ._state import load_state, save_state
 
@@ -194,6 +195,15 @@ class MlflowSink:
     they keep one point per (name, step, timestamp, value), and the timestamp is the
     event's own time (a ``file:`` store appends them again).
 
+    **SQLite.** With a ``sqlite:///`` tracking URI the MLflow client does the database work
+    in the logging process, and its ``log_batch`` costs about 130 µs of CPU per metric
+    point (one ORM object each). The sink writes metric points itself instead, into
+    MLflow's own ``metrics`` and ``latest_metrics`` tables with one ``executemany`` per
+    request (about 10 µs a point), storing exactly what ``log_batch`` stores (see
+    ``expbus.sinks._mlflow_sql``); runs, params, tags, status and artifacts still go
+    through the client. ``sqlite_bulk_metrics: false`` turns this off; it is off by itself
+    for any other store, or an MLflow whose metric tables have other columns.
+
     **Checkpoints.** With ``log_model: all``, every ``CheckpointSaved`` file is uploaded as
     it arrives (in the sink's worker, never in the training step). With ``log_model: true``,
     the checkpoints that still exist at the end of the run (the top-k, best and last that
@@ -239,6 +249,8 @@ class MlflowSink:
             in the run directory.
         synchronous: accepted for compatibility with Lightning's ``MLFlowLogger``; ignored
             (the sink always logs from its own worker, never blocking training).
+        sqlite_bulk_metrics: write metric points straight into a SQLite store's tables
+            (see **SQLite** above); ``false`` sends them with ``log_batch``.
         **kwargs: passed to ``mlflow.MlflowClient`` (``registry_uri``, ...).
     """
 
@@ -265,6 +277,7 @@ class MlflowSink:
         artifact_location: str | None = None,
         run_id: str | None = None,
         synchronous: bool | None = None,
+        sqlite_bulk_metrics: bool = True,
         **kwargs: Any,
     ) -> None:
         if log_model not in (True, False, "all"):
@@ -283,12 +296,14 @@ class MlflowSink:
         self.artifact_location = artifact_location
         self.run_id = run_id
         self.synchronous = synchronous
+        self.sqlite_bulk_metrics = sqlite_bulk_metrics
         self.client_kwargs = kwargs
         # Set at open / first write.
         self.resolved_uri: str | None = None
         self.experiment_id: str | None = None
         self._context: SinkContext | None = None
         self._client: Any = None
+        self._sqlite_metrics: SqliteMetricWriter | None = None
         self._mlflow: dict[str, Any] = {}
         self._limits = dict(_LIMITS_DEFAULT)
         self._run_ready = False
@@ -329,6 +344,7 @@ class MlflowSink:
             self._client = MlflowClient(self.resolved_uri, **self.client_kwargs)
         except TypeError as exc:
             raise ValueError(f"mlflow sink: an option is not MlflowClient's: {exc}") from exc
+        self._sqlite_metrics = SqliteMetricWriter.for_client(self._client) if self.sqlite_bulk_metrics else None
         try:
             self._ensure_run()
         except TransientSinkError as exc:
@@ -361,6 +377,7 @@ class MlflowSink:
                 self._execute(self._checkpoint_ops(list(self._checkpoints.values())))
         finally:
             self._client = None
+            self._sqlite_metrics = None
             self._retry = None
 
     # -- setting up the run -----------------------------------------------------------
@@ -594,7 +611,15 @@ class MlflowSink:
 
     def _log_batch_op(self, metrics: list[Any], params: list[Any], tags: list[Any]) -> _Op:
         def call() -> None:
-            self._call("log_batch", self._client.log_batch, self.run_id, metrics=metrics, params=params, tags=tags)
+            writer = self._sqlite_metrics
+            if writer is None:
+                self._call("log_batch", self._client.log_batch, self.run_id, metrics=metrics, params=params, tags=tags)
+                return
+            # Params and tags first, as log_batch stores them; a retry after the metrics
+            # failed sends them again, which MLflow accepts (same values).
+            if params or tags:
+                self._call("log_batch", self._client.log_batch, self.run_id, params=params, tags=tags)
+            self._call("log_batch", writer.log_metrics, self.run_id, metrics)
 
         def done() -> None:
             # Known to the run from now on: a later Hyperparams with the same value is not resent.

@@ -465,7 +465,7 @@ def test_2500_values_in_one_bus_batch_take_3_requests(tmp_path: Path, store_uri:
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     spy = LogBatchSpy(monkeypatch)
     events = [Metrics(time=T0 + s, step=s, values={f"m{i}": s + i / 10 for i in range(10)}) for s in range(250)]
-    sink = MlflowSink(tracking_uri=store_uri, experiment_name="batching")
+    sink = MlflowSink(tracking_uri=store_uri, sqlite_bulk_metrics=False, experiment_name="batching")
     writes: list[int] = []
     real_write = sink.write
 
@@ -491,7 +491,7 @@ def test_2500_values_in_one_bus_batch_take_3_requests(tmp_path: Path, store_uri:
 
 def test_params_tags_and_metrics_share_requests(tmp_path: Path, store_uri: str,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    sink = MlflowSink(tracking_uri=store_uri, experiment_name="batching")
+    sink = MlflowSink(tracking_uri=store_uri, sqlite_bulk_metrics=False, experiment_name="batching")
     sink.open(context(tmp_path))
     spy = LogBatchSpy(monkeypatch)
     batch: list[Event] = [Hyperparams(time=T0, params={f"p{i}": i for i in range(150)})]
@@ -507,7 +507,7 @@ def test_params_tags_and_metrics_share_requests(tmp_path: Path, store_uri: str,
 
 def test_large_param_values_split_by_request_size(tmp_path: Path, store_uri: str,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    sink = MlflowSink(tracking_uri=store_uri, experiment_name="batching")
+    sink = MlflowSink(tracking_uri=store_uri, sqlite_bulk_metrics=False, experiment_name="batching")
     sink.open(context(tmp_path))
     spy = LogBatchSpy(monkeypatch)
     # 100 params of 2000 "é": 1.2 MB of JSON (escaped as \u00e9), over MLflow's 1 MB a request.
@@ -526,7 +526,7 @@ def test_transient_failure_mid_batch_resumes_without_resending(tmp_path: Path, s
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     spy = LogBatchSpy(monkeypatch, fail=lambda i: connection_refused() if i == 1 else None)
     events = [Metrics(time=T0 + s, step=s, values={f"m{i}": float(s) for i in range(10)}) for s in range(250)]
-    sink = MlflowSink(tracking_uri=store_uri, experiment_name="retry")
+    sink = MlflowSink(tracking_uri=store_uri, sqlite_bulk_metrics=False, experiment_name="retry")
     bus = Bus(tmp_path, journal=False)
     bus.add_sink("ml", sink, SinkPolicy(batch_size=10_000, batch_delay=30, retry_backoff=0.01))
     bus.open()
@@ -621,7 +621,7 @@ def test_non_transient_failure_still_delivers_the_rest(tmp_path: Path, store_uri
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     rejected = MlflowException("bad request", error_code="INVALID_PARAMETER_VALUE")
     spy = LogBatchSpy(monkeypatch, fail=lambda i: rejected if i == 0 else None)
-    sink = MlflowSink(tracking_uri=store_uri, experiment_name="rejected")
+    sink = MlflowSink(tracking_uri=store_uri, sqlite_bulk_metrics=False, experiment_name="rejected")
     sink.open(context(tmp_path))
     with pytest.raises(MlflowException, match="bad request"):
         sink.write([Metrics(time=T0, step=0, values={"x": 1.0}), RunFinished(time=T0 + 1, status="completed")])
@@ -775,3 +775,112 @@ def test_resume_and_batching_against_a_real_server(tmp_path: Path, mlflow_server
     assert MlflowClient(mlflow_server).get_run(run_id_of(tmp_path)).data.params == params
     stored = histories(mlflow_server, run_id_of(tmp_path))
     assert {k: sorted(m.step for m in v) for k, v in stored.items()} == {f"m{i}": list(range(250)) for i in range(10)}
+
+
+# -- SQLite: metric points written in bulk -------------------------------------------------
+def bulk_events() -> list[Event]:
+    """Points the two write paths must store alike: NaN, infinities, steps out of order, ties."""
+    events: list[Event] = []
+    for step in range(30):
+        values = {"loss": 1.0 / (step + 1), "odd": NAN if step % 7 == 3 else (INF if step == 11 else -INF if step == 12
+                                                                             else float(step)),
+                  "flat": 0.5}
+        events.append(Metrics(time=T0 + step, step=step, values=values, epoch=step // 10))
+    # A late point at an earlier step (latest_metrics orders by step first), and a point at
+    # the last step with an earlier time and a larger value (then by time, then by value).
+    events.append(Metrics(time=T0 + 100, step=3, values={"loss": 9.0}))
+    events.append(Metrics(time=T0 + 28.5, step=29, values={"flat": 7.0}))
+    return events
+
+
+def stored_run(uri: str, run_id: str) -> tuple[dict[str, list[tuple[int, int, Any]]], dict[str, Any]]:
+    """Every history as (step, timestamp, value) and the run's latest metrics, NaN made comparable."""
+    client = MlflowClient(uri)
+    latest = {key: comparable(value) for key, value in client.get_run(run_id).data.metrics.items()}
+    stored = {key: sorted((m.step, m.timestamp, comparable(m.value)) for m in history)
+              for key, history in histories(uri, run_id).items()}
+    return stored, latest
+
+
+def write_through(run_dir: Path, uri: str, events: Sequence[Event], *, bulk: bool, times: int = 1) -> str:
+    sink = MlflowSink(tracking_uri=uri, experiment_name="bulk", sqlite_bulk_metrics=bulk)
+    sink.open(context(run_dir))
+    for _ in range(times):
+        sink.write(events)
+    sink.close()
+    return run_id_of(run_dir)
+
+
+def test_sqlite_bulk_metrics_store_exactly_what_log_batch_stores(tmp_path: Path, store_uri: str,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    spy = LogBatchSpy(monkeypatch)
+    events = bulk_events()
+    # The bulk path gets every batch twice (a replay): MLflow keeps one point of each.
+    bulk_run = write_through(tmp_path / "bulk", store_uri, events, bulk=True, times=2)
+    assert spy.metric_requests == []  # no metric went through log_batch
+    plain_run = write_through(tmp_path / "plain", store_uri, events, bulk=False)
+    assert spy.metric_requests == [len([1 for e in events if isinstance(e, Metrics)
+                                        for _ in [*e.values, *(["epoch"] if e.epoch is not None else [])]])]
+    bulk, plain = stored_run(store_uri, bulk_run), stored_run(store_uri, plain_run)
+    assert bulk == plain
+    histories_, latest = bulk
+    assert len(histories_["loss"]) == 31 and len(histories_["odd"]) == 30
+    assert [v for s, _t, v in histories_["odd"] if s in (3, 11, 12)] == ["nan", MAX, -MAX]
+    assert latest["loss"] == 1.0 / 30  # step 29 beats the later-written point at step 3
+    assert latest["flat"] == 0.5  # same step: the later time wins over the larger value
+    assert latest["odd"] == 29.0 and latest["epoch"] == 2
+
+
+def test_sqlite_bulk_metrics_keep_params_tags_and_status(tmp_path: Path, store_uri: str) -> None:
+    # Params and tags still go through log_batch, next to the bulk metric points.
+    sink = MlflowSink(tracking_uri=store_uri, experiment_name="bulk-mixed")
+    sink.open(context(tmp_path))
+    sink.write([Hyperparams(time=T0, params={"lr": 0.1}), Metrics(time=T0 + 1, step=1, values={"loss": 0.5}),
+                RunFinished(time=T0 + 2, status="failed", error="boom")])
+    sink.close()
+    run = MlflowClient(store_uri).get_run(run_id_of(tmp_path))
+    assert run.data.params == {"lr": "0.1"}
+    assert run.data.metrics == {"loss": 0.5}
+    assert run.data.tags["expbus.error"] == "boom"
+    assert run.info.status == "FAILED"
+
+
+def test_sqlite_bulk_metrics_wait_out_a_lock_like_log_batch(tmp_path: Path, store_uri: str) -> None:
+    import sqlite3
+    import threading
+
+    sink = MlflowSink(tracking_uri=store_uri, experiment_name="bulk-locked")
+    sink.open(context(tmp_path))
+    locker = sqlite3.connect(store_uri[len("sqlite:///"):], isolation_level=None, check_same_thread=False)
+    locker.execute("BEGIN EXCLUSIVE")  # another process writing to the same database
+    release = threading.Timer(0.5, lambda: locker.execute("COMMIT"))
+    release.start()
+    try:
+        sink.write([Metrics(time=T0, step=0, values={"loss": 0.25})])
+    finally:
+        release.join()
+        locker.close()
+    sink.close()
+    assert points(store_uri, run_id_of(tmp_path)) == [(0, {"loss": 0.25})]
+
+
+def test_sqlite_bulk_metrics_refuse_a_deleted_run(tmp_path: Path, store_uri: str) -> None:
+    sink = MlflowSink(tracking_uri=store_uri, experiment_name="bulk-deleted")
+    sink.open(context(tmp_path))
+    MlflowClient(store_uri).delete_run(run_id_of(tmp_path))
+    with pytest.raises(MlflowException, match="must be in the 'active' state") as caught:
+        sink.write([Metrics(time=T0, step=0, values={"loss": 0.25})])
+    assert not is_transient_error(caught.value)
+    sink.close()
+
+
+def test_sqlite_bulk_metrics_only_for_sqlite_stores_with_known_tables(store_uri: str,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from expbus.sinks import _mlflow_sql
+    from expbus.sinks._mlflow_sql import SqliteMetricWriter
+
+    assert SqliteMetricWriter.for_client(MlflowClient(store_uri)) is not None
+    assert SqliteMetricWriter.for_client(object()) is None
+    # Tables whose columns are not the ones the writer fills (another MLflow's schema): log_batch.
+    monkeypatch.setattr(_mlflow_sql, "_COLUMNS", (*_mlflow_sql._COLUMNS, "dataset_uuid"))
+    assert SqliteMetricWriter.for_client(MlflowClient(store_uri)) is None
