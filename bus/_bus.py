@@ -422,6 +422,8 @@ class Bus:
             started.set_result(None)
             await stop_loop.wait()
             tg.cancel_scope.cancel()
+        if self._cursors is not None:
+            self._cursors.close()  # the runners are done: no cursor is saved after this
         if self._journal is not None:
             try:
                 self._journal.close()

@@ -9,9 +9,17 @@ which is what makes a second replay add nothing.
 
 File: ``run_dir/.expbus/cursors/<journal file stem>/<sink id>.json``::
 
-    {"journal": "<journal identity>", "position": 1234, "updated": 1764340000.0}
+    {"journal": "<journal identity>", "position": 1234, "updated": 1764340000.0, "check": 2882120541}
 
-The window: a sink that accepted a batch and is killed before the cursor file is replaced
+Saving is one ``pwrite`` over the start of a file kept open, padded with spaces to the
+longest record it held (still JSON), not a temporary file renamed over it: every system
+call a background thread makes lets the GIL go and must win it back from the training
+thread, and a save per sink batch was four of them. A write that has returned is whole
+whatever happens to the process afterwards (``SIGKILL``, the OOM killer); ``check`` (a
+CRC-32 of the journal identity and the position) lets a reader reject a record it read
+while another process was writing it, or one cut by a power loss, and read it again.
+
+The window: a sink that accepted a batch and is killed before its cursor is saved
 (microseconds later) gets that one batch again on catch-up. MLflow's SQL stores ignore
 an identical point; other backends would show it twice.
 """
@@ -21,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import zlib
 from pathlib import Path
 
 __all__ = ["CursorStore", "Cursor"]
@@ -49,6 +58,8 @@ class CursorStore:
 
     def __init__(self, run_dir: str | os.PathLike[str], journal_name: str) -> None:
         self.directory = Path(run_dir) / ".expbus" / "cursors" / Path(journal_name).stem
+        # Open cursor files (sink id -> descriptor, and the size of the longest record written).
+        self._files: dict[str, tuple[int, int]] = {}
 
     def path(self, sink_id: str) -> Path:
         """The cursor file of ``sink_id``."""
@@ -60,31 +71,57 @@ class CursorStore:
 
     def load(self, sink_id: str) -> Cursor | None:
         """The saved cursor, or ``None`` when the sink never delivered here (or the file is unreadable)."""
-        try:
-            data = json.loads(self.path(sink_id).read_text())
-            position = int(data["position"])
-            journal = data.get("journal")
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
-        if position < 0:
-            return None
-        return Cursor(journal if isinstance(journal, str) else None, position)
+        for _attempt in range(3):  # a record read while another process wrote it fails its check
+            try:
+                data = json.loads(self.path(sink_id).read_text())
+                position = int(data["position"])
+                journal = data.get("journal")
+                check = data.get("check")
+            except FileNotFoundError:
+                return None
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            if check is not None and check != _check(journal, position):
+                continue
+            if position < 0:
+                return None
+            return Cursor(journal if isinstance(journal, str) else None, position)
+        return None
 
     def save(self, sink_id: str, journal: str | None, position: int) -> None:
-        """Replace the cursor file atomically (readable by the user only)."""
+        """Write the cursor over the file's start in one system call (readable by the user only)."""
+        record = json.dumps({"journal": journal, "position": position, "updated": time.time(),
+                             "check": _check(journal, position)}).encode()
+        fd, width = self._files.get(sink_id) or self._open(sink_id)
+        if len(record) > width:
+            width = len(record)
+        self._files[sink_id] = (fd, width)
+        # Padded to the longest record written, so no tail of an older one is left behind.
+        os.pwrite(fd, record.ljust(width), 0)
+
+    def close(self) -> None:
+        """Close the open cursor files (saving again reopens them)."""
+        files, self._files = self._files, {}
+        for fd, _width in files.values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def _open(self, sink_id: str) -> tuple[int, int]:
         path = self.path(sink_id)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        payload = json.dumps({"journal": journal, "position": position, "updated": time.time()})
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
         except FileNotFoundError:
             # .expbus/ and everything below it readable by the user only.
             expbus_dir = self.directory.parent.parent
             for directory in (expbus_dir, expbus_dir / "cursors", self.directory):
                 directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, payload.encode())
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+        # A file from an earlier session (possibly longer) is overwritten, never truncated:
+        # a crash between a truncate and the write would lose the cursor.
+        return fd, os.fstat(fd).st_size
+
+
+def _check(journal: str | None, position: int) -> int:
+    return zlib.crc32(f"{journal}|{position}".encode())

@@ -48,6 +48,8 @@ _CRC = struct.Struct("<I")
 # longer ones (a huge text) fall back to tensorboard's own pure-Python CRC.
 _MAX_TABLE_BYTES = 16384
 _file_counter = itertools.count()
+# Seconds between rewrites of the state file when only the event file's offset changed.
+_STATE_EVERY = 10.0
 
 
 class TensorBoardSink:
@@ -163,6 +165,8 @@ class TensorBoardSink:
         self._pb: _Protos | None = None
         self._framer: _Framer | None = None
         self._state: dict[str, Any] = {}
+        self._saved_state: dict[str, Any] = {}
+        self._state_saved_at = 0.0
         self._offset = 0
         self._pending = 0
         self._last_flush = 0.0
@@ -195,7 +199,7 @@ class TensorBoardSink:
         previous = self._previous_file(context)
         if previous is not None:
             self.event_file = previous
-            self._offset = self._truncate_torn_tail(previous, self._state.get("offset"))
+            self._offset = self._truncate_torn_tail(previous, self._state.pop("offset", None))
             self._file = open(previous, "ab")
             self._purge_at_next_step = self.purge_on_resume and self.purge_step is None
             if self._offset == 0:
@@ -260,10 +264,14 @@ class TensorBoardSink:
         if hparams_at is not None and self.hparams_file:
             assert self.log_dir is not None
             _save_hparams_to_yaml(self.log_dir / Path(self.hparams_file).expanduser(), self.hparams)
-        # Every batch reaches the OS, and the state file records how far the event file is
-        # complete (and that it has its hyperparameters): the bus's delivery cursor then
-        # never counts a record a crash loses. One write + one small state file per batch.
-        self.flush()
+        # Every batch reaches the OS before write returns: the bus's delivery cursor then
+        # never counts a record a crash loses. The state file is rewritten when what it says
+        # changes (the hyperparameters written), and otherwise every _STATE_EVERY seconds
+        # only: its offset just spares a resume re-checking complete records, and each
+        # rewrite is five system calls, each one a round of the GIL against training.
+        self._flush_file()
+        if self._state != self._saved_state or time.monotonic() - self._state_saved_at >= _STATE_EVERY:
+            self._save_state()
 
     def flush(self) -> None:
         """Hand everything written to the OS and record how far the file is complete."""
@@ -332,9 +340,11 @@ class TensorBoardSink:
 
     def _save_state(self) -> None:
         assert self._context is not None
-        # Everything up to ``offset`` is complete records: a resume scans only past it.
-        self._state["offset"] = self._offset
-        save_state(self._context, self._state)
+        # Everything up to ``offset`` is complete records: a resume scans only past it (an
+        # older offset is still right, the scan just starts earlier).
+        save_state(self._context, {**self._state, "offset": self._offset})
+        self._saved_state = dict(self._state)
+        self._state_saved_at = time.monotonic()
 
     @staticmethod
     def _relative(path: Path, context: SinkContext) -> str:
