@@ -22,6 +22,7 @@ from expbus.bus import (
     from_json,
     from_msgpack,
     resolve_event,
+    resolve_value,
     to_json,
     to_msgpack,
 )
@@ -119,6 +120,33 @@ def test_resolve_event_turns_tensor_like_values_into_floats() -> None:
     # An event with plain numbers is returned as is (no copy on the common path).
     plain = Metrics(time=1.0, step=1, values={"lr": 0.1})
     assert resolve_event(plain) is plain
+
+
+def test_all_tensor_values_are_read_in_one_pass_with_the_same_result() -> None:
+    torch = pytest.importorskip("torch")
+    np = pytest.importorskip("numpy")
+    cases: list[dict[str, object]] = [
+        {f"m{i}": torch.tensor(i / 3) for i in range(100)},  # the common case: one C-level pass
+        {"a": torch.tensor(float("nan")), "b": torch.tensor(float("-inf")), "c": torch.tensor(-0.0)},
+        {"i": torch.tensor(7), "j": torch.tensor(-(2**40))},  # integer tensors stay ints
+        {"flag": torch.tensor(True), "off": torch.tensor(False)},  # bools become floats, value by value
+        {"half": torch.tensor(0.1, dtype=torch.float16), "x": torch.tensor(2.5, dtype=torch.float64)},
+        {"np": np.float32(0.5), "np2": np.float32(1.5)},
+        {"mixed": torch.tensor(1.0), "plain": 2.0, "np": np.float64(3.0)},
+    ]
+    for values in cases:
+        resolved = resolve_event(Metrics(time=1.0, step=1, values=values))  # type: ignore[arg-type]
+        assert isinstance(resolved, Metrics)
+        expected = {k: resolve_value(v) for k, v in values.items()}
+        assert [(k, type(v)) for k, v in resolved.values.items()] == [(k, type(v)) for k, v in expected.items()]
+        assert all(a == b or (math.isnan(a) and math.isnan(b))
+                   for a, b in zip(resolved.values.values(), expected.values(), strict=True))
+        assert all(type(v) in (float, int) for v in resolved.values.values())
+    timing = resolve_event(Timing(time=1.0, step=1, durations={"step": torch.tensor(0.25)}))
+    assert isinstance(timing, Timing) and timing.durations == {"step": 0.25}
+    # A tensor of several values cannot be one metric: reported, as item() reports it.
+    with pytest.raises((ValueError, RuntimeError)):
+        resolve_event(Metrics(time=1.0, step=1, values={"v": torch.tensor([1.0, 2.0])}))  # type: ignore[dict-item]
 
 
 def test_unknown_tag_is_a_validation_error() -> None:
