@@ -99,13 +99,7 @@ class SinkPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
             hyperparameter and checkpoint events are never dropped.
         queue_size: bound of the sink's queue, in events.
         batch_size: most events in one ``write``.
-        batch_delay: seconds the first event of a batch may wait for more. Two by default:
-            every batch costs the sink's thread and the bus's thread a few rounds of the
-            GIL against the training thread (a wake-up, the backend's system calls, the
-            acknowledgement), each paid with a storm of futile wake-ups while training
-            runs Python; fewer, larger batches cut that (-16% of the background CPU in the
-            training process at 0.5 -> 2 s, workload a K=100). Backends see data at most
-            this much later; ``flush`` and ``close`` do not wait for it.
+        batch_delay: seconds the first event of a batch may wait for more.
         max_retries: retries of a batch that failed with a transient error.
         retry_backoff: first retry delay in seconds; doubles each time, with jitter.
         retry_backoff_max: cap of the retry delay.
@@ -122,7 +116,7 @@ class SinkPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     when_full: WhenFull = "drop_newest"
     queue_size: int = 100_000
     batch_size: int = 1024
-    batch_delay: float = 2.0
+    batch_delay: float = 0.5
     max_retries: int = 5
     retry_backoff: float = 0.5
     retry_backoff_max: float = 30.0

@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, ClassVar, Literal, TextIO
+from collections.abc import Callable, Sequence
+from typing import Literal, TextIO
 
 from expbus.bus import CheckpointSaved, Event, Metrics, RunFinished, RunStarted, SinkContext, Timing
 
@@ -43,9 +43,6 @@ class ConsoleSink:
     #: A resumed run does not reprint the lines an earlier session missed (``catch_up: true``
     #: in the sink's block asks for them anyway).
     catch_up = False
-
-    #: Lines for a person watching: batches wait half a second at most, not the bus's two.
-    default_policy: ClassVar[Mapping[str, Any]] = {"batch_delay": 0.5}
 
     def __init__(
         self,
