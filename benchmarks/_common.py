@@ -108,3 +108,12 @@ def emit(result: dict[str, Any], json_out: str | None) -> None:
         Path(json_out).write_text(text + "\n", encoding="utf-8")
     else:
         print(text)
+
+
+def finish(name: str, result: dict[str, Any], json_out: str | None, failure: str = "DATA-ARRIVAL CHECK FAILED") -> int:
+    """Emit a benchmark's result (see :func:`emit`) and return its exit status: 1 when a check failed."""
+    emit(result, json_out)
+    if not result["ok"]:
+        print(f"{name}: {failure}", file=sys.stderr)
+        return 1
+    return 0

@@ -63,7 +63,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import _readback as _rb
-from benchmarks._common import Checks, count_lines, emit, journal_steps, jsonl_steps, median, steps_in_order
+from benchmarks._common import Checks, count_lines, finish, journal_steps, jsonl_steps, median, steps_in_order
 from expbus.bus import Bus, Metrics, SinkPolicy
 from expbus.sinks.jsonl import JsonlSink
 from expbus.sinks.testing import MemorySink
@@ -288,11 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     sink_sizes = QUICK_SINK_SIZES if args.quick else SINK_SIZES
     with tempfile.TemporaryDirectory(prefix="expbus-bench-") as tmp:
         result = run(sizes, repeats, burst, Path(tmp), sink_sizes)
-    emit(result, args.json_out)
-    if not result["ok"]:
-        print("drain_throughput: DATA-ARRIVAL CHECK FAILED", file=sys.stderr)
-        return 1
-    return 0
+    return finish("drain_throughput", result, args.json_out)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ import sys
 import time
 from typing import Any
 
-from benchmarks._common import Checks, emit, median
+from benchmarks._common import Checks, finish, median
 from benchmarks.report import REPO_ROOT
 
 # One interpreter per statement and repeat; each statement yields one figure per (key, label, prefixes).
@@ -103,11 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json-out", help="write the result as JSON here (default: stdout)")
     args = parser.parse_args(argv)
     result = run(1 if args.quick else args.repeats)
-    emit(result, args.json_out)
-    if not result["ok"]:
-        print("import_time: CHECK FAILED", file=sys.stderr)
-        return 1
-    return 0
+    return finish("import_time", result, args.json_out, failure="CHECK FAILED")
 
 
 if __name__ == "__main__":

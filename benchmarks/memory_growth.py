@@ -62,7 +62,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks._common import Checks, emit
+from benchmarks._common import Checks, emit, finish
 from benchmarks.report import REPO_ROOT
 from expbus.bus import Bus, Event, JournalReader, Metrics, SinkPolicy
 
@@ -322,11 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"memory_growth: {n:,} events, queue bound {q:,}", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="expbus-bench-mem-") as tmp:
         result = run(n, q, Path(tmp))
-    emit(result, args.json_out)
-    if not result["ok"]:
-        print("memory_growth: DATA-ARRIVAL CHECK FAILED", file=sys.stderr)
-        return 1
-    return 0
+    return finish("memory_growth", result, args.json_out)
 
 
 if __name__ == "__main__":

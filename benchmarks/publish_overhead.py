@@ -58,7 +58,7 @@ from itertools import repeat
 from pathlib import Path
 from typing import Any
 
-from benchmarks._common import Checks, count_lines, emit, median, percentile
+from benchmarks._common import Checks, count_lines, finish, median, percentile
 from expbus.bus import Bus, JournalReader, Metrics, SinkPolicy, now
 from expbus.sinks.jsonl import JsonlSink
 
@@ -257,11 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     for row in result["rows"]:
         ratio = f"  x{row['ratio']:.2f}" if row["ratio"] is not None else ""
         print(f"  {row['median_ns']:8.1f} ns  (p99 {row['p99_ns']:8.1f})  {row['label']}{ratio}", file=sys.stderr)
-    emit(result, args.json_out)
-    if not result["ok"]:
-        print("publish_overhead: DATA-ARRIVAL CHECK FAILED", file=sys.stderr)
-        return 1
-    return 0
+    return finish("publish_overhead", result, args.json_out)
 
 
 if __name__ == "__main__":

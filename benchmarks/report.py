@@ -263,10 +263,10 @@ def _step_section(res: dict[str, Any]) -> list[str]:
             peer = by_key[(r["peer"], r["workload"], r["k"])]
             frac = r.get("fraction_of_peer")
             backends = r["config"].split(":", 1)[1]
-            shown = f"{100 * frac:.1f}%" if frac is not None else "-"
+            fraction = f"{100 * frac:.1f}%" if frac is not None else "-"
             out.append(
                 f"| {backends} | {r['workload']} | {r['k']} | {_f(peer['overhead_us'], 0)} | {_f(r['overhead_us'], 0)} "
-                f"| {shown} | {_f(peer['mean_overhead_us'], 0)} / {_f(r['mean_overhead_us'], 0)} "
+                f"| {fraction} | {_f(peer['mean_overhead_us'], 0)} / {_f(r['mean_overhead_us'], 0)} "
                 f"| {_f(peer['close_ms'])} / {_f(r['close_ms'])} |"
             )
     shown = ("L:all", "E:all", "E:all:thread", "E:all:process", "E:journal")

@@ -87,7 +87,7 @@ torch.set_num_threads(1)
 
 import lightning.pytorch as pl  # noqa: E402
 
-from benchmarks._common import Checks, emit, median, percentile  # noqa: E402
+from benchmarks._common import Checks, finish, median, percentile  # noqa: E402
 from benchmarks._workloads import BenchModule, StepClock, calibrate_matmul, make_loader, metric_names  # noqa: E402
 
 BACKENDS = ["csv", "tensorboard", "mlflow", "wandb"]
@@ -592,11 +592,7 @@ def main(argv: list[str] | None = None) -> int:
             extra = f"  overhead {row['overhead_us']:+9.1f} us ({row['overhead_pct']:+6.1f}%)"
         print(f"  {row['config']:<14} {row['workload']} K={row['k']:<3} median {row['median']:9.1f} us "
               f"p99 {row['p99']:9.1f} us{extra}", file=sys.stderr)
-    emit(result, args.json_out)
-    if not result["ok"]:
-        print("step_overhead: DATA-ARRIVAL CHECK FAILED", file=sys.stderr)
-        return 1
-    return 0
+    return finish("step_overhead", result, args.json_out)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import step_overhead as so
-from benchmarks._common import Checks, emit, median
+from benchmarks._common import Checks, finish, median
 
 __all__ = ["median_interval", "run"]
 
@@ -149,11 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     for row in result["rows"]:
         print(f"  a K={row['k']:<3} overhead {row['overhead_pct']:+.1f}% (95% CI {row['ci_low_pct']:+.1f}% .. "
               f"{row['ci_high_pct']:+.1f}%) over {row['pairs']} pairs: {row['pair_pcts']}", file=sys.stderr)
-    emit(result, args.json_out)
-    if not result["ok"]:
-        print("step_pairs: DATA-ARRIVAL CHECK FAILED", file=sys.stderr)
-        return 1
-    return 0
+    return finish("step_pairs", result, args.json_out)
 
 
 if __name__ == "__main__":
