@@ -376,6 +376,22 @@ def test_bulk_framing_matches_tensorboards_record_writer() -> None:
         assert framer.frame(records) == reference.data
 
 
+def test_the_crc_tables_grow_by_doubling_to_any_width() -> None:
+    """The table grows one vectorised doubling at a time; every width, odd tails included, stays exact."""
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import CRC_TABLE
+
+    rng = random.Random(1)
+    framer = _Framer(CRC_TABLE, masked_crc32c)
+    for width in [*range(1, 40), 63, 64, 65, 1000, 1537, 4097, 16384]:
+        records = [rng.randbytes(n) for n in (width, max(1, width // 3), 1)]
+        lengths = np.array([len(r) for r in records], dtype=np.int64)
+        assert [int(c) for c in framer.masked_crcs(b"".join(records), lengths)] == [masked_crc32c(r) for r in records]
+    # A fresh framer asked for a wide record at once builds the same tables.
+    wide = _Framer(CRC_TABLE, masked_crc32c)
+    wide._grow(16384)
+    assert np.array_equal(wide._m, framer._m) and np.array_equal(wide._z, framer._z)
+
+
 def _protobuf_scalars_event(values: list[tuple[str, float]], step: int, wall_time: float) -> bytes:
     from tensorboard.compat.proto import event_pb2, summary_pb2
 
