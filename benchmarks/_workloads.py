@@ -118,10 +118,16 @@ class StepClock(pl.Callback):
     ``on_train_end``; ``train_start_ns`` and ``train_end_ns`` are when they ran (the end is
     the start of the teardown: loggers finalised, the bus closed). The training thread's wall
     time minus its CPU time over that window is the time it waited: for the GIL, or for a core.
+
+    ``stop_after_s`` (when above 0) ends training once that many seconds have passed since the
+    first step after ``warmup``: a cell then lasts the same time in every configuration, long
+    enough that batched sinks write several times during it, whatever a step costs.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, warmup: int = 0, stop_after_s: float = 0.0) -> None:
         super().__init__()
+        self.warmup = warmup
+        self.stop_after_ns = int(stop_after_s * 1e9)
         self.starts: list[int] = []
         self.cpu_start: dict[int, tuple[str, int]] = {}
         self.cpu_end: dict[int, tuple[str, int]] = {}
@@ -137,6 +143,13 @@ class StepClock(pl.Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         self.starts.append(_perf())
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        starts = self.starts
+        warmup = self.warmup
+        if self.stop_after_ns and len(starts) > warmup + 1 and starts[-1] - starts[warmup] >= self.stop_after_ns:
+            trainer.should_stop = True
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.train_end_ns = _perf()

@@ -199,7 +199,15 @@ def _drain_section(res: dict[str, Any]) -> list[str]:
 def _step_section(res: dict[str, Any]) -> list[str]:
     p = res["params"]
     rows = res["rows"]
-    steps = ", ".join(f"{key.replace(':', ' K=')}: {w} warm-up + {n} measured" for key, (w, n) in p["steps"].items())
+    seconds = p.get("cell_seconds", 0.0)
+    if seconds:
+        warmups = ", ".join(f"{key.replace(':', ' K=')}: {w}" for key, (w, _n) in p["steps"].items())
+        steps = (f"each cell trains for {seconds:g} s after its warm-up steps ({warmups}), three times the default "
+                 "`batch_delay` (2 s), so that every sink writes several batches during training in every "
+                 "configuration")
+    else:
+        steps = ", ".join(f"{key.replace(':', ' K=')}: {w} warm-up + {n} measured"
+                          for key, (w, n) in p["steps"].items())
     out = [
         "## Step overhead (what logging costs the training step)",
         "",
@@ -207,8 +215,7 @@ def _step_section(res: dict[str, Any]) -> list[str]:
         f"threads and background processes). Workload (a): a {p['matmul_n']}x{p['matmul_n']} `torch.mm` "
         f"({p['matmul_ms']:.2f} ms on one thread, GIL released, as a device step) plus the tiny step; workload "
         "(b): `Linear(32, 32)` on a batch of 8 (Python-bound). K metrics logged every step with `self.log` "
-        f"(`log_every_n_steps=1`). Steps per run: {steps} (in a full run, about 1 s of measured steps without "
-        "logging, so that sinks write during training: `batch_delay` is 0.5 s). "
+        f"(`log_every_n_steps=1`). Steps per run: {steps}. "
         f"{', '.join(p['core_configs'])} run {p['repeats']} time(s), "
         f"the per-backend configurations {p['single_repeats']}, each "
         "in a fresh process forked from one that has imported only torch and Lightning, in alternating order. "
@@ -362,7 +369,7 @@ def _pairs_section(res: dict[str, Any]) -> list[str]:
         "## Workload (a) in pairs (the measurement behind target (a))",
         "",
         f"{p['pairs']} pairs of runs, each a `none` run and an `{p['config']}` run back to back (the order alternates; "
-        "every run a fresh process forked like the main benchmark's, same steps and data-arrival checks). The "
+        "every run a fresh process forked like the main benchmark's, same cell length and data-arrival checks). The "
         "overhead is taken within each pair, `median(expbus steps) / median(none steps) - 1`, so that the "
         "machine's drift from run to run (the `none` medians' range below) cancels; the figure is the median "
         "over pairs with a distribution-free 95% confidence interval (order statistics). *Wait*: the training "

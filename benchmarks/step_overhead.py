@@ -156,11 +156,14 @@ BASELINE_EVERY = 4  # run ``none`` again after this many other configurations
 # Run --repeats times; the per-backend configurations run --single-repeats times.
 CORE_CONFIGS = ["none", "L:all", "E:journal", "E:all", "E:all:thread", "E:all:process"]
 WORKLOADS = ["a", "b"]
-# (workload, K) -> (warm-up steps, measured steps): about 1 s of measured steps without logging, so that
-# the sinks write (every batch_delay = 0.5 s) during training. K=100 steps cost ~27 ms in Lightning's
-# self.log alone.
-FULL_STEPS = {("a", 1): (20, 300), ("a", 10): (10, 160), ("a", 100): (5, 40),
-              ("b", 1): (30, 1000), ("b", 10): (10, 300), ("b", 100): (5, 40)}
+# (workload, K) -> (warm-up steps, most measured steps). A full run measures each cell for CELL_SECONDS
+# of training (StepClock stops it), three times the default batch_delay (2 s), so that every sink writes
+# several batches during training in every configuration: a shorter cell would time expbus before its
+# sinks first write. The step caps only bound the data loader (K=100 steps cost ~27 ms in Lightning's
+# self.log alone; a K=1 tiny step ~1 ms).
+FULL_STEPS = {("a", 1): (20, 6000), ("a", 10): (10, 3000), ("a", 100): (5, 600),
+              ("b", 1): (30, 20000), ("b", 10): (10, 5000), ("b", 100): (5, 600)}
+CELL_SECONDS = 6.0
 QUICK_STEPS = {("a", 1): (5, 30), ("a", 10): (5, 30), ("b", 1): (5, 30), ("b", 10): (5, 30)}
 
 WANDB_SETTINGS: dict[str, Any] = {
@@ -258,8 +261,13 @@ def _check_backends(checks: Checks, tag: str, family: str, backends: list[str], 
 
 
 def _run_cell(config: str, workload: str, k: int, warmup: int, measured: int, matmul_n: int, root: Path,
-              db: Path, checks: Checks, device: str = "cpu", extra_callbacks: tuple[Any, ...] = ()) -> dict[str, Any]:
-    """One ``Trainer.fit`` of one configuration and cell, timed and read back (``device``: ``cpu`` or ``cuda``)."""
+              db: Path, checks: Checks, device: str = "cpu", extra_callbacks: tuple[Any, ...] = (),
+              seconds: float = 0.0) -> dict[str, Any]:
+    """One ``Trainer.fit`` of one configuration and cell, timed and read back (``device``: ``cpu`` or ``cuda``).
+
+    ``seconds`` above 0 ends training after that long past the warm-up (``measured`` is then
+    only the most steps it may run); else exactly ``warmup + measured + 1`` steps run.
+    """
     _label, family, backends = describe(config)
     cell = f"{workload}-k{k}"
     tag = f"{config} {cell}"
@@ -268,7 +276,7 @@ def _run_cell(config: str, workload: str, k: int, warmup: int, measured: int, ma
     run_dir = cell_dir / "expbus"
     steps = warmup + measured + 1  # one more start closes the last measured interval
     names = metric_names(k)
-    clock = StepClock()
+    clock = StepClock(warmup, seconds)
     callbacks: list[Any] = [clock, *extra_callbacks]
     loggers: list[Any] = []
     bridge: Any = None
@@ -311,8 +319,12 @@ def _run_cell(config: str, workload: str, k: int, warmup: int, measured: int, ma
     cpu = clock.thread_cpu_us()
     others = sum(cpu["others"].values())
     n_steps = len(clock.starts)
-    checks.expect_equal(f"{tag}: steps", n_steps, steps, "training steps run")
-    found = _check_backends(checks, tag, family, backends, cell_dir, run_dir, cell, db, names, steps)
+    if seconds > 0:
+        checks.check(f"{tag}: steps", warmup + 2 <= n_steps <= steps,
+                     f"training steps run {n_steps} (for {seconds} s after {warmup} warm-up steps; at most {steps})")
+    else:
+        checks.expect_equal(f"{tag}: steps", n_steps, steps, "training steps run")
+    found = _check_backends(checks, tag, family, backends, cell_dir, run_dir, cell, db, names, n_steps)
     sink_stats: dict[str, Any] = {}
     if bridge is not None:
         for sink_id, health in bridge.last_stats.items():
@@ -326,7 +338,7 @@ def _run_cell(config: str, workload: str, k: int, warmup: int, measured: int, ma
         "workload": workload,
         "k": k,
         "warmup": warmup,
-        "steps": steps,
+        "steps": n_steps,
         "intervals_us": [round(x, 1) for x in intervals],
         "fit_s": (t_fit - t0) / 1e9,
         "close_ms": (t_closed - clock.train_end_ns) / 1e6,
@@ -341,8 +353,12 @@ def _run_cell(config: str, workload: str, k: int, warmup: int, measured: int, ma
     }
 
 
-def _child(config: str, cells: list[tuple[str, int, int, int]], matmul_n: int, out: Path, root: Path) -> int:
-    """Everything a forked child does: run the cells of one configuration, write JSON to ``out``."""
+def _child(config: str, cells: list[tuple[str, int, int, int]], matmul_n: int, out: Path, root: Path,
+           seconds: float = 0.0) -> int:
+    """Everything a forked child does: run the cells of one configuration, write JSON to ``out``.
+
+    ``seconds`` above 0: each cell trains that long after its warm-up (see :func:`_run_cell`).
+    """
     os.environ.update({
         "WANDB_SILENT": "true", "WANDB_DIR": str(root), "WANDB_CACHE_DIR": str(root / ".wandb-cache"),
         "WANDB_CONFIG_DIR": str(root / ".wandb-config"), "WANDB_DATA_DIR": str(root / ".wandb-data"),
@@ -356,7 +372,8 @@ def _child(config: str, cells: list[tuple[str, int, int, int]], matmul_n: int, o
     error = ""
     try:
         for workload, k, warmup, measured in cells:
-            results.append(_run_cell(config, workload, k, warmup, measured, matmul_n, root, db, checks))
+            results.append(_run_cell(config, workload, k, warmup, measured, matmul_n, root, db, checks,
+                                     seconds=seconds))
             print(f"    {config:<14} {workload} K={k:<3} median {median(results[-1]['intervals_us']):9.1f} us",
                   file=sys.stderr, flush=True)
     except BaseException:
@@ -488,11 +505,12 @@ def _thread_family(name: str) -> str:
 
 
 def run(configs: list[str], steps: dict[tuple[str, int], tuple[int, int]], repeats: int, timeout: float,
-        tmp: Path, single_repeats: int | None = None) -> dict[str, Any]:
+        tmp: Path, single_repeats: int | None = None, seconds: float = 0.0) -> dict[str, Any]:
     """Calibrate the matmul, run the configurations (forked) in alternating order, aggregate.
 
     The configurations of :data:`CORE_CONFIGS` run ``repeats`` times, the others
-    ``single_repeats`` times (default: ``repeats``).
+    ``single_repeats`` times (default: ``repeats``). ``seconds`` above 0: every cell trains
+    that long after its warm-up (``steps`` then holds the most measured steps).
     """
     single_repeats = repeats if single_repeats is None else single_repeats
     checks = Checks()
@@ -522,7 +540,7 @@ def run(configs: list[str], steps: dict[tuple[str, int], tuple[int, int]], repea
         root = Path(tempfile.mkdtemp(prefix=f"{config.replace(':', '-')}-{r}-", dir=tmp))
         out = root / "result.json"
         t0 = time.perf_counter()
-        code = _fork_run(_child, (config, cells, cal["n"], out, root), timeout)
+        code = _fork_run(_child, (config, cells, cal["n"], out, root, seconds), timeout)
         took = time.perf_counter() - t0
         print(f"  [{config} repeat {r + 1}: exit {code} after {took:.1f} s]", file=sys.stderr, flush=True)
         if not out.exists():
@@ -543,7 +561,7 @@ def run(configs: list[str], steps: dict[tuple[str, int], tuple[int, int]], repea
         "benchmark": "step_overhead",
         "params": {
             "configs": configs, "workloads": WORKLOADS,
-            "steps": {f"{w}:{k}": list(v) for (w, k), v in steps.items()},
+            "steps": {f"{w}:{k}": list(v) for (w, k), v in steps.items()}, "cell_seconds": seconds,
             "repeats": repeats, "single_repeats": single_repeats, "core_configs": CORE_CONFIGS,
             "matmul_n": cal["n"], "matmul_ms": cal["ms"], "torch_threads": 1,
             "lightning": pl.__version__, "torch": torch.__version__,
@@ -557,7 +575,8 @@ def run(configs: list[str], steps: dict[tuple[str, int], tuple[int, int]], repea
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.step_overhead", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="3 configurations, K in {1, 10}, 30 steps, 1 run")
+    parser.add_argument("--quick", action="store_true", help="3 configurations, K in {1, 10}, 30 steps, 1 run "
+                        "(a full run trains every cell for CELL_SECONDS)")
     parser.add_argument("--repeats", type=int, default=2,
                         help=f"runs of {', '.join(CORE_CONFIGS)} (default 2)")
     parser.add_argument("--single-repeats", type=int, default=1,
@@ -585,7 +604,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"step_overhead: {len(configs)} configurations, {repeats} repeats ({single} for single backends), "
           f"cells {list(steps)}", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="expbus-bench-step-") as tmp:
-        result = run(configs, steps, repeats, args.timeout, Path(tmp), single)
+        result = run(configs, steps, repeats, args.timeout, Path(tmp), single, 0.0 if args.quick else CELL_SECONDS)
     for row in result["rows"]:
         extra = ""
         if "overhead_us" in row:

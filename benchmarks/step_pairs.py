@@ -13,7 +13,7 @@ Why a second measurement of workload (a)
 
 What runs
     Workload (a) of :mod:`benchmarks._workloads` (the ~2 ms GIL-releasing matmul plus the tiny
-    step) at K in {1, 10, 100}, the same steps per cell as the main benchmark, the same
+    step) at K in {1, 10, 100}, cells as long as the main benchmark's (``CELL_SECONDS`` of training), the same
     ``E:all`` configuration (CSV, TensorBoard, MLflow on sqlite, W&B offline, jsonl,
     DLLogger and the journal, each sink where its default puts it) and the same data-arrival
     checks (every step with all K metrics read back from every backend).
@@ -63,8 +63,11 @@ def median_interval(values: list[float], confidence: float = 0.95) -> tuple[floa
 
 
 def run(pairs: int, steps: dict[tuple[str, int], tuple[int, int]], cells: list[tuple[str, int]], timeout: float,
-        tmp: Path) -> dict[str, Any]:
-    """Calibrate the matmul, then ``pairs`` pairs of (``none``, ``E:all``) runs; aggregate per cell."""
+        tmp: Path, seconds: float = 0.0) -> dict[str, Any]:
+    """Calibrate the matmul, then ``pairs`` pairs of (``none``, ``E:all``) runs; aggregate per cell.
+
+    ``seconds`` above 0: every cell trains that long after its warm-up (see ``step_overhead``).
+    """
     checks = Checks()
     calib = tmp / "calibration.json"
     code = so._fork_run(so._calibrate, (calib,), 120.0)
@@ -83,7 +86,7 @@ def run(pairs: int, steps: dict[tuple[str, int], tuple[int, int]], cells: list[t
         for config in order:
             root = Path(tempfile.mkdtemp(prefix=f"pair{p}-{config.replace(':', '-')}-", dir=tmp))
             out = root / "result.json"
-            code = so._fork_run(so._child, (config, run_cells, cal["n"], out, root), timeout)
+            code = so._fork_run(so._child, (config, run_cells, cal["n"], out, root, seconds), timeout)
             print(f"  [pair {p + 1}/{pairs} {config}: exit {code}]", file=sys.stderr, flush=True)
             if not out.exists():
                 checks.check(f"pair {p + 1} {config}: ran", False, f"child exit status {code}, no result")
@@ -124,6 +127,7 @@ def run(pairs: int, steps: dict[tuple[str, int], tuple[int, int]], cells: list[t
         "benchmark": "step_pairs",
         "params": {"pairs": pairs, "config": CONFIG, "cells": [f"{w}:{k}" for w, k in cells],
                    "steps": {f"{w}:{k}": list(steps[(w, k)]) for w, k in cells},
+                   "cell_seconds": seconds,
                    "matmul_n": cal["n"], "matmul_ms": cal["ms"], "torch_threads": 1},
         "rows": rows,
         "seconds": time.perf_counter() - t_start,
@@ -145,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     cells = QUICK_CELLS if args.quick else CELLS
     print(f"step_pairs: {pairs} pairs of none / {CONFIG}, cells {cells}", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="expbus-bench-pairs-") as tmp:
-        result = run(pairs, steps, cells, args.timeout, Path(tmp))
+        result = run(pairs, steps, cells, args.timeout, Path(tmp), 0.0 if args.quick else so.CELL_SECONDS)
     for row in result["rows"]:
         print(f"  a K={row['k']:<3} overhead {row['overhead_pct']:+.1f}% (95% CI {row['ci_low_pct']:+.1f}% .. "
               f"{row['ci_high_pct']:+.1f}%) over {row['pairs']} pairs: {row['pair_pcts']}", file=sys.stderr)

@@ -217,3 +217,23 @@ def test_the_pairs_interval_is_the_order_statistics_of_the_median() -> None:
     assert median_interval([float(x) for x in range(10, 0, -1)]) == (2.0, 9.0)
     assert median_interval([1.0, 2.0, 3.0]) == (1.0, 3.0)  # too few values: the whole range
     assert median_interval([float(x) for x in range(20)]) == (5.0, 14.0)  # P(B(20, 1/2) < 6) = 2.07%
+
+
+def test_a_timed_cell_stops_training_after_its_seconds() -> None:
+    from types import SimpleNamespace
+
+    from benchmarks._workloads import StepClock
+
+    clock = StepClock(warmup=2, stop_after_s=1.0)
+    trainer = SimpleNamespace(should_stop=False)
+    for start_ns in (0, 10, 20, 500_000_000, 999_999_999):  # warm-up, warm-up, then measured steps
+        clock.starts.append(start_ns)
+        clock.on_train_batch_end(trainer, None, None, None, 0)  # type: ignore[arg-type]
+        assert trainer.should_stop is False
+    clock.starts.append(1_000_000_020)  # one second after the first measured step
+    clock.on_train_batch_end(trainer, None, None, None, 0)  # type: ignore[arg-type]
+    assert trainer.should_stop is True
+    untimed = StepClock(warmup=0)
+    untimed.starts.extend([0, 10**12])
+    untimed.on_train_batch_end(trainer := SimpleNamespace(should_stop=False), None, None, None, 0)  # type: ignore[arg-type]
+    assert trainer.should_stop is False
