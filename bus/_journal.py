@@ -10,7 +10,7 @@ The header payload is a msgpack map ``{"format": "expbus-journal", "schema_versi
 
 Durability window: the bus hands every drained batch to the OS at once (a ``SIGKILL`` of
 the training process loses nothing the bus thread had drained, i.e. all but the last
-``poll_interval``, 50 ms by default), and ``fsync`` runs at most every ``fsync_interval`` seconds (default 1 s),
+``poll_interval``, 1 s by default), and ``fsync`` runs at most every ``fsync_interval`` seconds (default 1 s),
 so a machine crash or power loss loses at most that window.
 
 The reader checks every frame's length and CRC. A torn tail (a crash mid-write) or a

@@ -116,7 +116,7 @@ class SinkPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     when_full: WhenFull = "drop_newest"
     queue_size: int = 100_000
     batch_size: int = 1024
-    batch_delay: float = 0.5
+    batch_delay: float = 2.0
     max_retries: int = 5
     retry_backoff: float = 0.5
     retry_backoff_max: float = 30.0

@@ -88,7 +88,7 @@ class BusConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             default (``process`` for ``mlflow`` and ``wandb``, see :data:`DEFAULT_WORKERS`; else ``thread``).
     """
 
-    poll_interval: float = 0.2
+    poll_interval: float = 1.0
     flush_timeout: float = 10.0
     close_timeout: float = 30.0
     open_timeout: float = 120.0

@@ -7,7 +7,7 @@ import logging
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
@@ -24,6 +24,9 @@ class HangingSink:
 
     "Forever" is until the test releases it at teardown, so no thread outlives the test.
     """
+
+    # Batches every 0.5 s (the bus's default is 2 s): the 2 s of training below span several.
+    default_policy: ClassVar[dict[str, float]] = {"batch_delay": 0.5}
 
     def __init__(self, inner: JsonlSink) -> None:
         self.inner = inner
@@ -66,7 +69,7 @@ def test_a_sink_that_hangs_forever(tmp_path: Path, make_trainer: Any, faults: An
     trainer = make_trainer([bridge, clock], max_steps=STEPS)
     try:
         with caplog.at_level(logging.INFO, logger="expbus"):
-            # 10 ms a step: training outlasts the sink's first batch (batch_delay 0.5 s), so
+            # 10 ms a step: training outlasts the sink's first batch (its batch_delay is 0.5 s), so
             # the first batch reaches the file and a later one hangs.
             trainer.fit(faults.FaultModel(step_sleep=0.01), train_dataloaders=faults.fault_data())
     finally:
