@@ -79,14 +79,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description="Run the expbus benchmarks.")
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, no results file unless --out")
     parser.add_argument("--out", help="write the report here (a file, or a directory for <date>-<host>.md)")
-    parser.add_argument("--timeout", type=float, default=None, help="seconds per benchmark (default 120 quick, 600)")
+    parser.add_argument("--timeout", type=float, default=None,
+                        help="seconds per benchmark (default 120 quick, 3600: the step benchmarks train every "
+                        "cell for 6 s and take 10-25 minutes)")
     parser.add_argument("--only", help=f"comma-separated subset of {','.join(BENCHMARKS)}")
     parser.add_argument("--render", metavar="JSON", help="run nothing: re-render the report of a saved run "
                         "(the .json written beside every report) to --out, or beside the JSON")
     args = parser.parse_args(argv)
     if args.render:
         return _rerender(Path(args.render), args.out)
-    timeout = args.timeout or (120.0 if args.quick else 600.0)
+    timeout = args.timeout or (120.0 if args.quick else 3600.0)
     names = BENCHMARKS
     if args.only:
         names = [n.strip() for n in args.only.split(",") if n.strip()]
