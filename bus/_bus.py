@@ -453,10 +453,11 @@ class Bus:
                 for runner in self._runners.values():
                     tg.start_soon(open_one, runner)
         if errors:
-            # Close the sinks that did open, then report the first failure.
+            # Close the sinks that did open, then report the first failure. Every runner
+            # stops its call thread too: a failed open must not leave one parked for good
+            # (Hydra multirun opens many buses in one process).
             for runner in self._runners.values():
-                if runner.state == "open":
-                    await runner._close_sink()
+                await runner._close_sink()
             started.set_exception(errors[0])
 
     async def _pump(self) -> None:

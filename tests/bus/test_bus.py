@@ -413,6 +413,11 @@ def test_open_failure_names_the_sink_and_closes_the_others(run_dir: Path) -> Non
         bus.open()
     assert good.closed
     bus.publish(metrics(0))  # still a no-op, never raises
+    # No sink's call thread outlives the failed open.
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and any(t.name.startswith("expbus-sink-") for t in threading.enumerate()):
+        time.sleep(0.01)
+    assert [t.name for t in threading.enumerate() if t.name.startswith("expbus-sink-")] == []
 
 
 def test_tensor_like_values_are_resolved_off_the_publishing_thread(run_dir: Path) -> None:
