@@ -42,6 +42,11 @@ FUZZ = settings(
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 
+# Each test takes about 2 s here; once, in a CI run sharing the 2 cores with a benchmark, one
+# ran past 60 s inside Hypothesis's data generation (no journal code on the stack). The
+# timeout is there to catch a hang, not to time the test.
+FUZZ_TIMEOUT = 300
+
 _text = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=20)
 _floats = st.floats(allow_nan=False, allow_infinity=False, width=64)
 _json = st.recursive(
@@ -87,7 +92,7 @@ def _read(path: Path) -> tuple[JournalReader, list[Event]]:
 
 
 # -- arbitrary bytes ----------------------------------------------------------------------------
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(FUZZ_TIMEOUT)
 @FUZZ
 @given(data=st.binary(max_size=2048) | st.lists(st.sampled_from([MAGIC, b"\x00" * 8, b"\xff" * 4]),
                                                 max_size=40).map(b"".join))
@@ -102,7 +107,7 @@ def test_any_bytes_read_without_an_exception(tmp_path: Path, data: bytes) -> Non
     journal_identity(path)  # a header or None, never an exception
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(FUZZ_TIMEOUT)
 @FUZZ
 @given(head=st.binary(max_size=64), segment=st.binary(max_size=256))
 def test_garbage_in_a_later_segment_is_skipped(tmp_path: Path, head: bytes, segment: bytes) -> None:
@@ -123,7 +128,7 @@ _mutation = st.one_of(
 )
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(FUZZ_TIMEOUT)
 @FUZZ
 @given(events=st.lists(_events, min_size=1, max_size=25), mutations=st.lists(_mutation, max_size=6),
        cut=st.none() | st.floats(0.0, 1.0))
@@ -182,7 +187,7 @@ def test_damage_loses_only_the_damaged_records(tmp_path: Path, events: list[Even
     assert count_records(path) == reader.records + reader.unknown
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(FUZZ_TIMEOUT)
 @FUZZ
 @given(events=st.lists(_events, min_size=1, max_size=15), start=st.integers(0, 20), length=st.integers(0, 20),
        flip=st.integers(0, 10**6))
