@@ -18,7 +18,7 @@ Each benchmark runs in a fresh subprocess and can also be run alone:
   until ``flush()`` returns, into the journal, jsonl, tensorboard, csv, dllogger, mlflow and an
   in-memory sink.
 * :mod:`benchmarks.memory_growth`: peak RSS growth over 1M events with a stalled sink, against
-  the sink's queue bound.
+  what the sink's policy lets it hold (its queue plus one batch).
 * :mod:`benchmarks.import_time`: ``import expbus`` and the bridge on top of Lightning.
 
 Not part of the default run: :mod:`benchmarks.gpu_overhead` (CUDA machines: the step overhead

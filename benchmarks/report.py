@@ -299,6 +299,14 @@ def _step_section(res: dict[str, Any]) -> list[str]:
     return out
 
 
+def _held_text(p: dict[str, Any]) -> str:
+    """The events a stalled sink may hold, in words (results before the batch counted: the queue only)."""
+    if "held_events" not in p:
+        return f"its queue of {p['queue_size']:,} events"
+    return (f"{p['queue_size']:,} queued events plus one `batch_size` batch of {p['batch_size']:,} inside the hung "
+            f"`write` ({p['held_events']:,} events)")
+
+
 def _memory_section(res: dict[str, Any]) -> list[str]:
     p = res["params"]
     requested = p.get("requested_bytes_per_event")
@@ -309,10 +317,11 @@ def _memory_section(res: dict[str, Any]) -> list[str]:
         "",
         f"{p['events']:,} `Metrics` events (K={p['k']}, a new values dict each, as the bridge publishes) into a bus "
         f"whose only sink hangs in `write`, under the default policy with `queue_size={p['queue_size']:,}`; the "
-        f"bound is the queue size times the {p['bytes_per_event']:.0f} bytes one queued event holds{requested_text}: "
+        f"bound is what that policy lets the sink hold, {_held_text(p)}, times the {p['bytes_per_event']:.0f} bytes "
+        f"one queued event holds{requested_text}: "
         "tracemalloc over events kept in a deque, the deque slot included, each block counted as the allocator "
         "hands it out (pymalloc's 16-byte size classes; glibc's header above 512 bytes); not included: pool "
-        "headers and the batch inside the hung `write`. "
+        "headers. "
         "Peak RSS (`VmHWM`) against the RSS before the first publish, each run in a fresh process. `paced`: "
         "250 events then a 1 ms sleep (the bus keeps up); `burst`: one tight loop (the publisher outruns the "
         "bus thread and the ingress, which has no bound, grows too). *At fill*: RSS growth when the queue had "
@@ -321,7 +330,7 @@ def _memory_section(res: dict[str, Any]) -> list[str]:
         "it. Events beyond the queue spill to the journal (counted, not dropped) and reach the sink once it is "
         "released. See `benchmarks/memory_growth.py`.",
         "",
-        "| publishing | events | queue bound | bound MB | RSS growth at fill MB | peak RSS growth MB | growth / bound "
+        "| publishing | events | queue_size | bound MB | RSS growth at fill MB | peak RSS growth MB | growth / bound "
         "| healthy sink: peak RSS growth MB | the stall's own cost MB | cost / bound "
         "| spilled (dropped) while stalled | delivered after release |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",

@@ -164,12 +164,14 @@ def targets(results: dict[str, Any]) -> list[dict[str, str]]:
         else:
             ok = all(r["growth_mb"] <= r["bound_mb"] for r in mem["rows"])
             rule = "every pattern's growth"
+        held = (f"queue_size {p['queue_size']:,} + one batch_size {p['batch_size']:,} in the hung write"
+                if "held_events" in p else f"queue_size {p['queue_size']:,} events")
         requested = p.get("requested_bytes_per_event")
         per_event = (f"{p['bytes_per_event']:.0f} B/event allocated, {requested:.0f} B requested"
                      if requested is not None else f"{p['bytes_per_event']:.0f} B/event")
         out.append({
-            "target": (f"Stalled sink, {p['events']:,} events: peak RSS growth ≤ the queue bound "
-                       f"({p['queue_size']:,} events = {bound:.1f} MB, {per_event}; {rule})"),
+            "target": (f"Stalled sink, {p['events']:,} events: peak RSS growth ≤ the sink's configured bound "
+                       f"({held} = {bound:.1f} MB, {per_event}; {rule})"),
             "measured": "; ".join(figures),
             "verdict": MET if ok else MISSED,
         })
