@@ -279,13 +279,20 @@ def build_bus(
         if spec.get("enabled", True) is False:
             continue
         sink, policy = create_sink(sink_id, spec)
-        if sink_workers(spec, config.bus.workers) == "process":
+        where = sink_workers(spec, config.bus.workers)
+        if where == "thread" and spec.get("worker_priority") is not None:
+            raise ConfigError(f"sinks.{sink_id}.worker_priority: {spec['worker_priority']!r} applies to a sink "
+                              "in a worker process, and this one runs on a thread of the training process; "
+                              "remove the key, or set workers: process",
+                              path=f"sinks.{sink_id}.worker_priority", value=spec["worker_priority"])
+        if where == "process":
             # The sink built above only checked the options; the child builds its own.
             options = {k: v for k, v in spec.items() if k not in RESERVED_KEYS}
             sink = ProcessSink(
                 spec["type"], options, sink_id=sink_id,
                 call_timeout=policy.write_timeout + CALL_TIMEOUT_GRACE,
                 open_timeout=config.bus.open_timeout, close_timeout=config.bus.close_timeout,
+                priority=spec.get("worker_priority") or "idle",
             )
         bus.add_sink(sink_id, sink, policy)
     for sink_id, sink in (extra_sinks or {}).items():

@@ -373,6 +373,11 @@ class ProcessSink:
         open_timeout: seconds ``open`` may take (child start, imports, the sink's ``open``).
         close_timeout: seconds ``close`` may take before the child is killed; also the child's
             own bound for closing its sink when the training process dies.
+        priority: ``idle`` (the default): on Linux the child, and what it starts, runs under
+            ``SCHED_IDLE``, so it never preempts the training process and takes only CPU time
+            nothing else wants; it closes under the normal policy. ``normal``: scheduled like
+            any process (where a saturated machine would starve an idle child for longer
+            than ``write_timeout``).
 
     Raises:
         ConfigError: the type is unknown or the options are not the sink's (checked here,
@@ -394,8 +399,9 @@ class ProcessSink:
         call_timeout: float = 60.0 + CALL_TIMEOUT_GRACE,
         open_timeout: float = 120.0,
         close_timeout: float = 30.0,
+        priority: str = "idle",
     ) -> None:
-        from ._registry import create_sink
+        from ._registry import check_worker_priority, create_sink
 
         if os.name != "posix":
             from ._errors import ConfigError
@@ -409,6 +415,8 @@ class ProcessSink:
                              ("close_timeout", close_timeout)):
             if value <= 0:
                 raise ValueError(f"{label} must be > 0 seconds, got {value}")
+        check_worker_priority(priority, f"sinks.{self.sink_id}.worker_priority")
+        self.priority = priority
         self.call_timeout = call_timeout
         self.open_timeout = open_timeout
         self.close_timeout = close_timeout
@@ -568,7 +576,7 @@ class ProcessSink:
                         "process's stderr", self.sink_id, run_dir, exc)
             self.stderr_path = None
             stderr_file = None
-        cmd = [sys.executable, "-m", WORKER_MODULE]
+        cmd = [sys.executable, "-m", WORKER_MODULE, "--priority", self.priority]
         pass_fds: tuple[int, ...] = ()
         stdout_fd: int | None = None
         try:

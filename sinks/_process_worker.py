@@ -44,6 +44,7 @@ from ._process import (
     RemoteLog,
     Reply,
 )
+from ._registry import WORKER_PRIORITIES
 
 __all__ = ["main"]
 
@@ -222,6 +223,8 @@ class _Worker:
                 self._invoke(flusher)
         elif op == OP_CLOSE:
             self.closed = True
+            # Training is over: close at the priority of a normal process, within its deadline.
+            _set_priority("normal")
             closer = getattr(self.sink, "close", None)
             if closer is not None:
                 self._invoke(closer)
@@ -253,6 +256,7 @@ class _Worker:
             return 0
         log.warning("expbus worker: the training process went away; flushing and closing sink %r "
                     "(at most %.0f s)", self.sink_id, self.close_timeout)
+        _set_priority("normal")
         timer = threading.Timer(self.close_timeout, os._exit, args=(_EXIT_CLOSE_TIMEOUT,))
         timer.daemon = True
         timer.start()
@@ -270,19 +274,51 @@ class _Worker:
         return 0
 
 
-def _parse_args(argv: list[str]) -> int | None:
-    if len(argv) == 2 and argv[0] == "--stdout-fd":
-        return int(argv[1])
-    if argv:
-        raise SystemExit(f"usage: python -m {__spec__.name if __spec__ else __name__} [--stdout-fd N]; got {argv}")
-    return None
+def _parse_args(argv: list[str]) -> tuple[int | None, str]:
+    """``(stdout fd, priority)`` from ``[--stdout-fd N] [--priority idle|normal]``."""
+    stdout_fd: int | None = None
+    priority = "normal"
+    rest = list(argv)
+    while rest:
+        flag = rest.pop(0)
+        if flag == "--stdout-fd" and rest:
+            stdout_fd = int(rest.pop(0))
+        elif flag == "--priority" and rest and rest[0] in WORKER_PRIORITIES:
+            priority = rest.pop(0)
+        else:
+            raise SystemExit(f"usage: python -m {__spec__.name if __spec__ else __name__} [--stdout-fd N] "
+                             f"[--priority idle|normal]; got {argv}")
+    return stdout_fd, priority
+
+
+def _set_priority(priority: str) -> None:
+    """Run this process (and what it starts) under ``SCHED_IDLE``, or back under ``SCHED_OTHER``.
+
+    Why ``SCHED_IDLE`` and not ``nice 19``: what the child costs the training step on a busy
+    machine is mostly *wake-up preemption*: a woken task with sleeper credit takes the core
+    from the running training thread, whatever its nice value. A ``SCHED_IDLE`` task never
+    preempts a normal one. Measured (workload a, K=10, every backend, 5 runs each on the
+    2-core VM): the training thread's wait per step 153 µs (nice 0) / 147 µs (nice 19) /
+    99 µs (``SCHED_IDLE``); its run-queue delay 101 / 99 / 48 µs.
+    """
+    if not hasattr(os, "sched_setscheduler"):
+        return  # not Linux: the default scheduling
+    policy = os.SCHED_IDLE if priority == "idle" else os.SCHED_OTHER
+    try:
+        os.sched_setscheduler(0, policy, os.sched_param(0))
+    except OSError as exc:
+        print(f"expbus worker pid {os.getpid()}: cannot set scheduling priority {priority!r}: {exc}",
+              file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Serve one sink until the parent closes the pipe; the exit status."""
-    stdout_fd = _parse_args(sys.argv[1:] if argv is None else argv)
+    stdout_fd, priority = _parse_args(sys.argv[1:] if argv is None else argv)
     proto_in, proto_out = _move_fds(stdout_fd)
     _ignore_job_signals()
+    if priority == "idle":
+        # Before the sink's open, so that what it starts (wandb-core) inherits it.
+        _set_priority("idle")
     worker = _Worker(proto_in, proto_out)
     try:
         return worker.serve()

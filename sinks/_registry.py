@@ -24,15 +24,20 @@ __all__ = [
     "create_sink",
     "RESERVED_KEYS",
     "WORKER_MODES",
+    "WORKER_PRIORITIES",
     "check_workers",
+    "check_worker_priority",
 ]
 
 ENTRY_POINT_GROUP = "expbus.sinks"
 # Keys of a sink's YAML block that are not its constructor's: ``type``, ``enabled``,
 # ``workers`` and the bus policy (``when_full``, ``queue_size``, ...).
-RESERVED_KEYS = frozenset({"type", "enabled", "workers"}) | POLICY_KEYS
+RESERVED_KEYS = frozenset({"type", "enabled", "workers", "worker_priority"}) | POLICY_KEYS
 # Where a sink's work runs (``workers:``): a thread of the training process, or a child process.
 WORKER_MODES = ("thread", "process")
+# How a ``workers: process`` child is scheduled (``worker_priority:``): Linux's SCHED_IDLE
+# (it never preempts the training process), or like any process.
+WORKER_PRIORITIES = ("idle", "normal")
 
 
 def check_workers(value: object, path: str) -> None:
@@ -44,6 +49,17 @@ def check_workers(value: object, path: str) -> None:
     raise ConfigError(f"{path}: expected 'thread' or 'process', got {value!r}; {hint}"
                       "('thread': the sink's own thread in the training process; 'process': a child process, "
                       "off the training process's GIL)", path=path, value=value)
+
+
+def check_worker_priority(value: object, path: str) -> None:
+    """Raise a :class:`ConfigError` naming ``path`` unless ``value`` is ``idle``, ``normal`` or null."""
+    if value is None or value in WORKER_PRIORITIES:
+        return
+    match = close_match(value, WORKER_PRIORITIES) if isinstance(value, str) else None
+    hint = f"did you mean {match}? " if match else ""
+    raise ConfigError(f"{path}: expected 'idle' or 'normal', got {value!r}; {hint}"
+                      "('idle': the worker process runs only on CPU time the training process leaves; "
+                      "'normal': it competes like any process)", path=path, value=value)
 
 
 def available_sinks() -> dict[str, str]:
@@ -170,6 +186,7 @@ def validate_sink_options(
         raise ConfigError(f"{base}: expected a mapping with a 'type' key, got {spec!r}", path=base, value=spec)
     factory = resolve_sink_class(spec.get("type"), path=f"{base}.type")  # type: ignore[arg-type]
     check_workers(spec.get("workers"), f"{base}.workers")
+    check_worker_priority(spec.get("worker_priority"), f"{base}.worker_priority")
     # The sink class's own defaults (``default_policy``) under the block's keys.
     policy_opts = {**sink_default_policy(factory, path=f"{base}.type"),
                    **{k: v for k, v in spec.items() if k in POLICY_KEYS}}

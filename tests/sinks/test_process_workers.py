@@ -158,6 +158,73 @@ def test_workers_key_is_validated_with_the_fix() -> None:
     assert config.bus.workers == "process" and config.sinks["e"]["workers"] == "thread"
 
 
+def test_worker_priority_is_validated_with_the_fix(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"sinks\.m\.worker_priority: expected 'idle' or 'normal', got 'idel'; "
+                                          r"did you mean idle\?") as info:
+        load_config({"sinks": {"m": {"type": "jsonl", "workers": "process", "worker_priority": "idel"}}})
+    assert info.value.path == "sinks.m.worker_priority" and info.value.value == "idel"
+    with pytest.raises(ConfigError, match=r"sinks\.j\.worker_priority: 'normal' applies to a sink in a worker "
+                                          r"process.*set workers: process"):
+        build_bus(load_config({"sinks": {"j": {"type": "jsonl", "worker_priority": "normal"}}}), run_dir=tmp_path)
+    with pytest.raises(ConfigError, match=r"sinks\.jsonl\.worker_priority: expected 'idle' or 'normal', got 'low'"):
+        ProcessSink("jsonl", priority="low")
+    bus = build_bus(load_config({"sinks": {"a": {"type": "jsonl", "workers": "process"},
+                                           "b": {"type": "jsonl", "workers": "process", "worker_priority": "normal",
+                                                 "path": "b.jsonl"}}}), run_dir=tmp_path)
+    priorities = {sink_id: getattr(runner.sink, "priority", None) for sink_id, runner in bus._runners.items()}
+    assert priorities == {"a": "idle", "b": "normal"}
+
+
+PRIORITY_PROBE = textwrap.dedent(
+    '''
+    """A sink that records the scheduling policy it runs under at open, write and close."""
+    import os
+
+
+    class PolicyProbe:
+        def __init__(self, path: str = "policy.txt") -> None:
+            self.path_option = path
+
+        def _note(self, call: str) -> None:
+            with open(self.path, "a") as fh:
+                fh.write(f"{call} {os.sched_getscheduler(0)}\\n")
+
+        def open(self, context) -> None:
+            self.path = context.resolve(self.path_option)
+            self._note("open")
+
+        def write(self, batch) -> None:
+            self._note("write")
+
+        def close(self) -> None:
+            self._note("close")
+    '''
+)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux's")
+@pytest.mark.parametrize("priority", ["idle", "normal"])
+def test_the_child_runs_at_its_priority_and_closes_at_the_normal_one(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, priority: str) -> None:
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "expbus_policy_probe.py").write_text(PRIORITY_PROBE)
+    monkeypatch.syspath_prepend(str(site))
+    sink = ProcessSink("expbus_policy_probe:PolicyProbe", sink_id="probe", priority=priority)
+    bus = Bus(tmp_path, journal=False)
+    bus.add_sink("probe", sink, SinkPolicy(batch_delay=0.01))
+    expected = os.SCHED_IDLE if priority == "idle" else os.SCHED_OTHER
+    with bus:
+        assert sink.pid is not None and os.sched_getscheduler(sink.pid) == expected
+        bus.publish(metrics(range(1))[0])
+        assert bus.flush(30)
+    notes = (tmp_path / "policy.txt").read_text().split("\n")
+    assert notes == [f"open {expected}", f"write {expected}", f"close {os.SCHED_OTHER}", ""]
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the training process is never touched
+    sys.modules.pop("expbus_policy_probe", None)
+
+
 def test_build_bus_wraps_the_sinks_configured_for_a_process(tmp_path: Path) -> None:
     from expbus.sinks._config import sink_workers
 
