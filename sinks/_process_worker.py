@@ -309,6 +309,53 @@ def _set_priority(priority: str) -> None:
     except OSError as exc:
         print(f"expbus worker pid {os.getpid()}: cannot set scheduling priority {priority!r}: {exc}",
               file=sys.stderr, flush=True)
+        return
+    if priority == "normal":
+        # A policy is per thread, and inherited: the sink's client threads and the programs it
+        # started (wandb-core and its threads) run idle too, and take part in the close.
+        for tid in _threads_of(_descendants(os.getpid()) | {os.getpid()}):
+            try:
+                os.sched_setscheduler(tid, policy, os.sched_param(0))
+            except OSError:
+                pass  # exited meanwhile
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every live process below ``pid`` (from ``/proc``; empty where there is none)."""
+    parents: dict[int, int] = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return set()
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as fh:
+                stat = fh.read()
+        except OSError:
+            continue
+        # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+        fields = stat[stat.rfind(")") + 2:].split()
+        if len(fields) > 1 and fields[1].isdigit():
+            parents[int(entry)] = int(fields[1])
+    found: set[int] = set()
+    frontier = {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def _threads_of(pids: set[int]) -> list[int]:
+    """The thread ids of ``pids`` (each process's own id included)."""
+    tids: list[int] = []
+    for pid in pids:
+        try:
+            tids.extend(int(tid) for tid in os.listdir(f"/proc/{pid}/task"))
+        except OSError:
+            tids.append(pid)
+    return tids
 
 
 def main(argv: list[str] | None = None) -> int:

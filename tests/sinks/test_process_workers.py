@@ -177,8 +177,15 @@ def test_worker_priority_is_validated_with_the_fix(tmp_path: Path) -> None:
 
 PRIORITY_PROBE = textwrap.dedent(
     '''
-    """A sink that records the scheduling policy it runs under at open, write and close."""
+    """A sink that records the scheduling policy it runs under at open, write and close.
+
+    Like a real client, it starts a thread and a program of its own at open (wandb starts
+    wandb-core): at close they must run under the normal policy too.
+    """
     import os
+    import subprocess
+    import sys
+    import threading
 
 
     class PolicyProbe:
@@ -187,10 +194,15 @@ PRIORITY_PROBE = textwrap.dedent(
 
         def _note(self, call: str) -> None:
             with open(self.path, "a") as fh:
-                fh.write(f"{call} {os.sched_getscheduler(0)}\\n")
+                fh.write(f"{call} {os.sched_getscheduler(0)} {os.sched_getscheduler(self._thread.native_id)} "
+                         f"{os.sched_getscheduler(self._program.pid)}\\n")
 
         def open(self, context) -> None:
             self.path = context.resolve(self.path_option)
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._stop.wait, daemon=True)
+            self._thread.start()
+            self._program = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
             self._note("open")
 
         def write(self, batch) -> None:
@@ -198,6 +210,9 @@ PRIORITY_PROBE = textwrap.dedent(
 
         def close(self) -> None:
             self._note("close")
+            self._stop.set()
+            self._program.kill()
+            self._program.wait()
     '''
 )
 
@@ -220,7 +235,9 @@ def test_the_child_runs_at_its_priority_and_closes_at_the_normal_one(
         bus.publish(metrics(range(1))[0])
         assert bus.flush(30)
     notes = (tmp_path / "policy.txt").read_text().split("\n")
-    assert notes == [f"open {expected}", f"write {expected}", f"close {os.SCHED_OTHER}", ""]
+    three = " ".join([str(expected)] * 3)
+    normal = " ".join([str(os.SCHED_OTHER)] * 3)
+    assert notes == [f"open {three}", f"write {three}", f"close {normal}", ""]
     assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the training process is never touched
     sys.modules.pop("expbus_policy_probe", None)
 
