@@ -40,26 +40,28 @@ WORKER_MODES = ("thread", "process")
 WORKER_PRIORITIES = ("idle", "normal")
 
 
+def _check_choice(value: object, path: str, choices: tuple[str, str], meaning: str) -> None:
+    """Raise a :class:`ConfigError` naming ``path`` unless ``value`` is one of two ``choices`` or null."""
+    if value is None or value in choices:
+        return
+    match = close_match(value, choices) if isinstance(value, str) else None
+    hint = f"did you mean {match}? " if match else ""
+    raise ConfigError(f"{path}: expected {choices[0]!r} or {choices[1]!r}, got {value!r}; {hint}({meaning})",
+                      path=path, value=value)
+
+
 def check_workers(value: object, path: str) -> None:
     """Raise a :class:`ConfigError` naming ``path`` unless ``value`` is ``thread``, ``process`` or null."""
-    if value is None or value in WORKER_MODES:
-        return
-    match = close_match(value, WORKER_MODES) if isinstance(value, str) else None
-    hint = f"did you mean {match}? " if match else ""
-    raise ConfigError(f"{path}: expected 'thread' or 'process', got {value!r}; {hint}"
-                      "('thread': the sink's own thread in the training process; 'process': a child process, "
-                      "off the training process's GIL)", path=path, value=value)
+    _check_choice(value, path, WORKER_MODES,
+                  "'thread': the sink's own thread in the training process; 'process': a child process, "
+                  "off the training process's GIL")
 
 
 def check_worker_priority(value: object, path: str) -> None:
     """Raise a :class:`ConfigError` naming ``path`` unless ``value`` is ``idle``, ``normal`` or null."""
-    if value is None or value in WORKER_PRIORITIES:
-        return
-    match = close_match(value, WORKER_PRIORITIES) if isinstance(value, str) else None
-    hint = f"did you mean {match}? " if match else ""
-    raise ConfigError(f"{path}: expected 'idle' or 'normal', got {value!r}; {hint}"
-                      "('idle': the worker process runs only on CPU time the training process leaves; "
-                      "'normal': it competes like any process)", path=path, value=value)
+    _check_choice(value, path, WORKER_PRIORITIES,
+                  "'idle': the worker process runs only on CPU time the training process leaves; "
+                  "'normal': it competes like any process")
 
 
 def available_sinks() -> dict[str, str]:
