@@ -11,13 +11,16 @@ How. :class:`ProcessSink` implements the ordinary sink protocol (``open``, ``wri
 ``flush``, ``close``, all sync), so the bus's sink worker (queue, batching, retries,
 deadlines, health) treats it like any sink and needs no change. ``open`` starts::
 
-    [sys.executable, "-m", "expbus.sinks._process_worker"]
+    [sys.executable, "-m", "expbus.sinks._process_worker", "--priority", "idle" | "normal"]
 
-with ``stdin``/``stdout`` pipes (not ``multiprocessing``: ``fork`` is unsafe once torch has
-started threads, and ``spawn`` re-imports the user's ``__main__``), sends the sink's spec
-(its ``type:`` and options as YAML gives them, the :class:`~expbus.bus.SinkContext`, the
-parent's ``sys.path``) and waits for the child to build the sink through the registry and
-open it. Then each call is one request frame and one reply frame::
+(``idle``, the default: the child puts itself, before the sink's open and so what the sink
+starts too, under Linux's ``SCHED_IDLE``, and every thread of it back under the normal policy
+for its close; see ``_process_worker._set_priority``) with ``stdin``/``stdout`` pipes (not
+``multiprocessing``: ``fork`` is unsafe once torch has started threads, and ``spawn``
+re-imports the user's ``__main__``), sends the sink's spec (its ``type:`` and options as
+YAML gives them, the :class:`~expbus.bus.SinkContext`, the parent's ``sys.path``) and waits
+for the child to build the sink through the registry and open it. Then each call is one
+request frame and one reply frame::
 
     request: u32 payload length (big-endian), u8 op, payload   (op: O open, W write,
              R retry the last batch, F flush, C close; a W payload is the batch as a
