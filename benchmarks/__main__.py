@@ -2,7 +2,7 @@
 
 Usage (from the repository root)::
 
-    python -m benchmarks                 # full run (~12 min on 2 cores)
+    python -m benchmarks                 # full run (~45 min on 2 cores)
                                          # writes benchmarks/results/<YYYY-MM-DD>-<hostname>.md
     python -m benchmarks --quick         # smoke run (<1 min): small sizes, prints the report, writes no file
     python -m benchmarks --quick --out R # ... and writes the report to R (a file, or a directory)
@@ -31,7 +31,8 @@ from typing import Any
 
 from benchmarks.report import REPO_ROOT, default_out_path, environment, loadavg, render
 
-BENCHMARKS = ["step_overhead", "step_pairs", "publish_overhead", "drain_throughput", "memory_growth", "import_time"]
+BENCHMARKS = ["step_overhead", "step_pairs", "step_toggle", "publish_overhead", "drain_throughput", "memory_growth",
+              "import_time"]
 
 
 def _run_one(name: str, quick: bool, timeout: float, workdir: Path) -> tuple[dict[str, Any] | None, str]:

@@ -27,9 +27,12 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+from benchmarks._common import median
+
 __all__ = [
     "BenchModule",
     "StepClock",
+    "TapToggle",
     "calibrate_matmul",
     "make_loader",
     "metric_names",
@@ -37,6 +40,7 @@ __all__ = [
 ]
 
 _perf = time.perf_counter_ns
+_thread_time = time.thread_time_ns
 
 
 def metric_names(k: int) -> list[str]:
@@ -113,7 +117,10 @@ class StepClock(pl.Callback):
 
     ``starts`` holds ``perf_counter_ns`` at every ``on_train_batch_start``: the interval
     between two consecutive starts is one whole step, including what Lightning's logger
-    connector does after ``on_train_batch_end`` (where Lightning's loggers run). ``cpu_start``
+    connector does after ``on_train_batch_end`` (where Lightning's loggers run).
+    ``cpu_starts`` holds the training thread's own CPU clock (``thread_time_ns``) at the same
+    moments, so that a step's wall time splits into the CPU the thread spent and the time it
+    waited (for the GIL, or for a core), step by step. ``cpu_start``
     and ``cpu_end`` are :func:`thread_cpu_ns` snapshots at ``on_train_start`` and
     ``on_train_end``; ``train_start_ns`` and ``train_end_ns`` are when they ran (the end is
     the start of the teardown: loggers finalised, the bus closed). The training thread's wall
@@ -129,6 +136,7 @@ class StepClock(pl.Callback):
         self.warmup = warmup
         self.stop_after_ns = int(stop_after_s * 1e9)
         self.starts: list[int] = []
+        self.cpu_starts: list[int] = []
         self.cpu_start: dict[int, tuple[str, int]] = {}
         self.cpu_end: dict[int, tuple[str, int]] = {}
         self.train_end_ns = 0
@@ -143,6 +151,7 @@ class StepClock(pl.Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         self.starts.append(_perf())
+        self.cpu_starts.append(_thread_time())
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -158,6 +167,11 @@ class StepClock(pl.Callback):
     def intervals_us(self, warmup: int) -> list[float]:
         """Whole-step durations in µs, the first ``warmup`` steps dropped."""
         s = self.starts
+        return [(b - a) / 1e3 for a, b in zip(s[warmup:], s[warmup + 1 :], strict=False)]
+
+    def cpu_intervals_us(self, warmup: int) -> list[float]:
+        """The training thread's own CPU µs in each whole step, the first ``warmup`` steps dropped."""
+        s = self.cpu_starts
         return [(b - a) / 1e3 for a, b in zip(s[warmup:], s[warmup + 1 :], strict=False)]
 
     def thread_cpu_us(self) -> dict[str, Any]:
@@ -198,3 +212,71 @@ def calibrate_matmul(target_ms: float = 2.0, reps: int = 30) -> tuple[int, float
             break
     assert best is not None
     return best
+
+
+class TapToggle(pl.Callback):
+    """Within one run, publishes in alternate windows of ``window_s`` seconds: the bridge's tap on, then off.
+
+    The median step of the *on* windows against that of the *off* windows, in the same process
+    and minutes, is expbus's per-step cost with the machine's drift and the process's own speed
+    (which differ by up to 20% from one fresh process to the next on the 2-core VM) cancelled.
+    The bus, its threads and the sink workers exist in both windows; only what publishing
+    starts (the bridge's event, the bus's drain, the sinks' writes) differs, and a sink's batch
+    (every ``batch_delay``) can land in either window. Installs and removes the tap of
+    ``bridge`` (an expbus ``BridgeCallback``; a private attribute of our own class) in
+    ``on_train_batch_start``, before Lightning logs that step's metrics; put it after
+    :class:`StepClock` and the bridge in ``callbacks``.
+    """
+
+    def __init__(self, bridge: Any, window_s: float) -> None:
+        super().__init__()
+        self.bridge = bridge
+        self.window_ns = int(window_s * 1e9)
+        self.on: list[bool] = []  # per started step: whether its metrics were published
+        self.toggled: list[bool] = []  # per started step: whether the tap changed at its start
+        self._window_start = 0
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        tap = self.bridge._tap
+        now = _perf()
+        want = tap.installed
+        if not self.on:
+            self._window_start = now
+            want = True
+        elif now - self._window_start >= self.window_ns:
+            self._window_start = now
+            want = not want
+        changed = want != tap.installed
+        if changed:
+            tap.install() if want else tap.uninstall()
+        self.on.append(want)
+        self.toggled.append(changed)
+
+    def published_steps(self) -> int:
+        """How many steps had their metrics published (what every backend must hold)."""
+        return sum(self.on)
+
+    def split(self, walls: list[float], cpus: list[float], warmup: int) -> dict[str, float]:
+        """Median wall and CPU µs of the on and off steps after ``warmup`` (a step that toggled left out)."""
+        on_wall: list[float] = []
+        off_wall: list[float] = []
+        on_cpu: list[float] = []
+        off_cpu: list[float] = []
+        for index, (wall, cpu) in enumerate(zip(walls, cpus, strict=False)):
+            step = warmup + index
+            if step >= len(self.on) or self.toggled[step]:
+                continue
+            if self.on[step]:
+                on_wall.append(wall)
+                on_cpu.append(cpu)
+            else:
+                off_wall.append(wall)
+                off_cpu.append(cpu)
+        if not on_wall or not off_wall:
+            return {}
+        return {
+            "on_median_us": median(on_wall), "off_median_us": median(off_wall),
+            "on_cpu_median_us": median(on_cpu), "off_cpu_median_us": median(off_cpu),
+            "on_steps": float(len(on_wall)), "off_steps": float(len(off_wall)),
+        }

@@ -382,12 +382,16 @@ def _pairs_section(res: dict[str, Any]) -> list[str]:
         "overhead is taken within each pair, `median(expbus steps) / median(none steps) - 1`, so that the "
         "machine's drift from run to run (the `none` medians' range below) cancels; the figure is the median "
         "over pairs with a distribution-free 95% confidence interval (order statistics). *Wait*: the training "
-        "thread's wall time minus its CPU time per step (waiting for the GIL or a core). See "
+        "thread's wall time minus its CPU time over training, per step (waiting for the GIL or a core), and the "
+        "same for the median step alone (the hand-offs land on a few steps). *Training thread CPU*: "
+        "the median per step of the training thread's own CPU clock, and the paired difference as a share of "
+        "the step (the thread running longer: the bridge's own work, or a slower interpreter). See "
         "`benchmarks/step_pairs.py`.",
         "",
         "| workload | K | pairs | no logging µs (range of run medians) | expbus µs | overhead (median of pairs) "
-        "| 95% interval | wait µs/step (none / expbus) | every pair |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| 95% interval | wait µs/step (none / expbus) | training thread CPU µs/step (none / expbus; paired) "
+        "| every pair |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in res["rows"]:
         lo, hi = r["none_run_range_us"]
@@ -395,10 +399,53 @@ def _pairs_section(res: dict[str, Any]) -> list[str]:
             f"| {r['workload']} | {r['k']} | {r['pairs']} | {r['none_median_us']:,.0f} ({lo:,.0f}-{hi:,.0f}) "
             f"| {r['expbus_median_us']:,.0f} | {r['overhead_pct']:+.1f}% ({r['overhead_us']:+,.0f} µs) "
             f"| {r['ci_low_pct']:+.1f}% .. {r['ci_high_pct']:+.1f}% | {r['wait_none_us']:,.0f} / "
-            f"{r['wait_expbus_us']:,.0f} | {', '.join(f'{x:+.1f}' for x in r['pair_pcts'])} |"
+            f"{r['wait_expbus_us']:,.0f}{_pair_step_wait(r)} | {_pair_cpu(r)} "
+            f"| {', '.join(f'{x:+.1f}' for x in r['pair_pcts'])} |"
         )
     out.append("")
     return out
+
+
+def _toggle_section(res: dict[str, Any]) -> list[str]:
+    p = res["params"]
+    out = [
+        "## Workload (a) within one run: publishing on and off in alternate windows",
+        "",
+        f"{p['runs']} fresh `{p['config']}` processes (every backend, each sink where its default puts it); in each, "
+        f"every cell trains {p['cell_seconds']:.0f} s and the bridge publishes in alternate windows of "
+        f"{p['window_s']} s (its tap installed, then removed). The overhead is `median(on steps) / median(off "
+        "steps) - 1` within a run (same process, same minute: the process's own speed and the machine's drift "
+        "cancel), then the median over runs with its distribution-free 95% interval. *CPU*: the same for the "
+        "training thread's own CPU per step. The backends must hold exactly the published steps. See "
+        "`benchmarks/step_toggle.py`.",
+        "",
+        "| workload | K | runs | steps off | off µs | on µs | overhead (median of runs) | 95% interval | CPU "
+        "| every run |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in res["rows"]:
+        out.append(
+            f"| {r['workload']} | {r['k']} | {r['runs']} | {r['steps_off']:,.0f} | {r['off_median_us']:,.0f} "
+            f"| {r['on_median_us']:,.0f} | {r['overhead_pct']:+.1f}% | {r['ci_low_pct']:+.1f}% .. "
+            f"{r['ci_high_pct']:+.1f}% | {r['cpu_overhead_pct']:+.1f}% "
+            f"| {', '.join(f'{x:+.1f}' for x in r['run_pcts'])} |"
+        )
+    out.append("")
+    return out
+
+
+def _pair_cpu(row: dict[str, Any]) -> str:
+    """The training thread's CPU per step in a ``step_pairs`` row (absent from results before it was measured)."""
+    if "cpu_overhead_pct" not in row:
+        return "-"
+    return f"{row['cpu_none_us']:,.0f} / {row['cpu_expbus_us']:,.0f}; {row['cpu_overhead_pct']:+.1f}%"
+
+
+def _pair_step_wait(row: dict[str, Any]) -> str:
+    """The typical step's wait in a ``step_pairs`` row (absent from results before it was measured)."""
+    if "step_wait_expbus_us" not in row:
+        return ""
+    return f"; median step {row['step_wait_none_us']:,.0f} / {row['step_wait_expbus_us']:,.0f}"
 
 
 def _import_section(res: dict[str, Any]) -> list[str]:
@@ -468,6 +515,8 @@ def render(
         out += _step_section(results["step_overhead"])  # type: ignore[arg-type]
     if results.get("step_pairs") is not None:
         out += _pairs_section(results["step_pairs"])  # type: ignore[arg-type]
+    if results.get("step_toggle") is not None:
+        out += _toggle_section(results["step_toggle"])  # type: ignore[arg-type]
     if results.get("publish_overhead") is not None:
         out += _publish_section(results["publish_overhead"])  # type: ignore[arg-type]
     if results.get("drain_throughput") is not None:

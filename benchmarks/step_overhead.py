@@ -88,7 +88,14 @@ torch.set_num_threads(1)
 import lightning.pytorch as pl  # noqa: E402
 
 from benchmarks._common import Checks, finish, median, percentile  # noqa: E402
-from benchmarks._workloads import BenchModule, StepClock, calibrate_matmul, make_loader, metric_names  # noqa: E402
+from benchmarks._workloads import (  # noqa: E402
+    BenchModule,
+    StepClock,
+    TapToggle,
+    calibrate_matmul,
+    make_loader,
+    metric_names,
+)
 
 BACKENDS = ["csv", "tensorboard", "mlflow", "wandb"]
 BACKEND_LABELS = {"csv": "CSV", "tensorboard": "TensorBoard", "mlflow": "MLflow (sqlite)", "wandb": "W&B offline"}
@@ -262,11 +269,14 @@ def _check_backends(checks: Checks, tag: str, family: str, backends: list[str], 
 
 def _run_cell(config: str, workload: str, k: int, warmup: int, measured: int, matmul_n: int, root: Path,
               db: Path, checks: Checks, device: str = "cpu", extra_callbacks: tuple[Any, ...] = (),
-              seconds: float = 0.0) -> dict[str, Any]:
+              seconds: float = 0.0, toggle_s: float = 0.0) -> dict[str, Any]:
     """One ``Trainer.fit`` of one configuration and cell, timed and read back (``device``: ``cpu`` or ``cuda``).
 
     ``seconds`` above 0 ends training after that long past the warm-up (``measured`` is then
     only the most steps it may run); else exactly ``warmup + measured + 1`` steps run.
+    ``toggle_s`` above 0 (expbus configurations): the bridge publishes in alternate windows of
+    that many seconds (:class:`~benchmarks._workloads.TapToggle`); the result's ``toggle``
+    holds the on and off medians, and the backends must hold exactly the published steps.
     """
     _label, family, backends = describe(config)
     cell = f"{workload}-k{k}"
@@ -291,6 +301,9 @@ def _run_cell(config: str, workload: str, k: int, warmup: int, measured: int, ma
             bridge_config["bus"] = {"workers": workers}
         bridge = BridgeCallback(bridge_config)
         callbacks.append(bridge)
+    toggle = TapToggle(bridge, toggle_s) if toggle_s > 0 and bridge is not None else None
+    if toggle is not None:
+        callbacks.append(toggle)
     trainer = pl.Trainer(
         accelerator=device, devices=1, max_steps=steps, max_epochs=1, logger=loggers or False,
         callbacks=callbacks, log_every_n_steps=1, enable_progress_bar=False, enable_model_summary=False,
@@ -316,6 +329,7 @@ def _run_cell(config: str, workload: str, k: int, warmup: int, measured: int, ma
     children_cpu_s = (children_after.ru_utime + children_after.ru_stime
                       - children_before.ru_utime - children_before.ru_stime)
     intervals = clock.intervals_us(warmup)
+    cpu_intervals = clock.cpu_intervals_us(warmup)
     cpu = clock.thread_cpu_us()
     others = sum(cpu["others"].values())
     n_steps = len(clock.starts)
@@ -324,7 +338,8 @@ def _run_cell(config: str, workload: str, k: int, warmup: int, measured: int, ma
                      f"training steps run {n_steps} (for {seconds} s after {warmup} warm-up steps; at most {steps})")
     else:
         checks.expect_equal(f"{tag}: steps", n_steps, steps, "training steps run")
-    found = _check_backends(checks, tag, family, backends, cell_dir, run_dir, cell, db, names, n_steps)
+    expected_rows = toggle.published_steps() if toggle is not None else n_steps
+    found = _check_backends(checks, tag, family, backends, cell_dir, run_dir, cell, db, names, expected_rows)
     sink_stats: dict[str, Any] = {}
     if bridge is not None:
         for sink_id, health in bridge.last_stats.items():
@@ -340,6 +355,13 @@ def _run_cell(config: str, workload: str, k: int, warmup: int, measured: int, ma
         "warmup": warmup,
         "steps": n_steps,
         "intervals_us": [round(x, 1) for x in intervals],
+        # The training thread's own CPU per step (its median beside the wall median splits a
+        # step's overhead into "the thread ran longer" and "it waited").
+        "step_cpu_median_us": median(cpu_intervals) if cpu_intervals else 0.0,
+        # What the typical step waited (wall minus CPU, step by step): the GIL hand-offs land on
+        # a few steps, so this stays near 0 while the mean wait (``main_wait_us``) does not.
+        "step_wait_median_us": median([w - c for w, c in zip(intervals, cpu_intervals, strict=False)])
+        if cpu_intervals else 0.0,
         "fit_s": (t_fit - t0) / 1e9,
         "close_ms": (t_closed - clock.train_end_ns) / 1e6,
         "train_s": (clock.train_end_ns - clock.starts[0]) / 1e9 if clock.starts else 0.0,
@@ -349,12 +371,13 @@ def _run_cell(config: str, workload: str, k: int, warmup: int, measured: int, ma
         "cpu_others_total_us": others,
         "cpu_children_s": children_cpu_s,
         "values_found": found,
+        "toggle": toggle.split(intervals, cpu_intervals, warmup) if toggle is not None else {},
         "sink_stats": sink_stats,
     }
 
 
 def _child(config: str, cells: list[tuple[str, int, int, int]], matmul_n: int, out: Path, root: Path,
-           seconds: float = 0.0) -> int:
+           seconds: float = 0.0, toggle_s: float = 0.0) -> int:
     """Everything a forked child does: run the cells of one configuration, write JSON to ``out``.
 
     ``seconds`` above 0: each cell trains that long after its warm-up (see :func:`_run_cell`).
@@ -373,7 +396,7 @@ def _child(config: str, cells: list[tuple[str, int, int, int]], matmul_n: int, o
     try:
         for workload, k, warmup, measured in cells:
             results.append(_run_cell(config, workload, k, warmup, measured, matmul_n, root, db, checks,
-                                     seconds=seconds))
+                                     seconds=seconds, toggle_s=toggle_s))
             print(f"    {config:<14} {workload} K={k:<3} median {median(results[-1]['intervals_us']):9.1f} us",
                   file=sys.stderr, flush=True)
     except BaseException:

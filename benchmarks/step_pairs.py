@@ -76,13 +76,17 @@ def run(pairs: int, steps: dict[tuple[str, int], tuple[int, int]], cells: list[t
     cal = json.loads(calib.read_text(encoding="utf-8"))
     run_cells = [(w, k, *steps[(w, k)]) for w, k in cells]
     per_cell: dict[tuple[str, int], dict[str, list[float]]] = {
-        (w, k): {"pct": [], "us": [], "none": [], "expbus": [], "wait_none": [], "wait_expbus": []} for w, k in cells
+        (w, k): {"pct": [], "us": [], "none": [], "expbus": [], "wait_none": [], "wait_expbus": [],
+                 "cpu_none": [], "cpu_expbus": [], "cpu_pct": [],
+                 "step_wait_none": [], "step_wait_expbus": []} for w, k in cells
     }
     t_start = time.perf_counter()
     for p in range(pairs):
         order = ["none", CONFIG] if p % 2 == 0 else [CONFIG, "none"]
         medians: dict[str, dict[tuple[str, int], float]] = {}
         waits: dict[str, dict[tuple[str, int], float]] = {}
+        cpus: dict[str, dict[tuple[str, int], float]] = {}
+        step_waits: dict[str, dict[tuple[str, int], float]] = {}
         for config in order:
             root = Path(tempfile.mkdtemp(prefix=f"pair{p}-{config.replace(':', '-')}-", dir=tmp))
             out = root / "result.json"
@@ -99,6 +103,8 @@ def run(pairs: int, steps: dict[tuple[str, int], tuple[int, int]], cells: list[t
                 key = (cell["workload"], cell["k"])
                 medians.setdefault(config, {})[key] = median(cell["intervals_us"])
                 waits.setdefault(config, {})[key] = cell["main_wait_us"] / max(1, cell["steps"])
+                cpus.setdefault(config, {})[key] = cell["step_cpu_median_us"]
+                step_waits.setdefault(config, {})[key] = cell["step_wait_median_us"]
         for key, acc in per_cell.items():
             base, ours = medians.get("none", {}).get(key), medians.get(CONFIG, {}).get(key)
             if base is None or ours is None:
@@ -109,6 +115,13 @@ def run(pairs: int, steps: dict[tuple[str, int], tuple[int, int]], cells: list[t
             acc["expbus"].append(ours)
             acc["wait_none"].append(waits["none"][key])
             acc["wait_expbus"].append(waits[CONFIG][key])
+            cpu_base, cpu_ours = cpus["none"][key], cpus[CONFIG][key]
+            acc["cpu_none"].append(cpu_base)
+            acc["cpu_expbus"].append(cpu_ours)
+            # The training thread's own extra CPU per step, as a share of the pair's no-logging step.
+            acc["cpu_pct"].append(100.0 * (cpu_ours - cpu_base) / base)
+            acc["step_wait_none"].append(step_waits["none"][key])
+            acc["step_wait_expbus"].append(step_waits[CONFIG][key])
     rows = []
     for (workload, k), acc in per_cell.items():
         if not acc["pct"]:
@@ -122,6 +135,15 @@ def run(pairs: int, steps: dict[tuple[str, int], tuple[int, int]], cells: list[t
             "none_run_range_us": [min(acc["none"]), max(acc["none"])],
             "wait_none_us": median(acc["wait_none"]), "wait_expbus_us": median(acc["wait_expbus"]),
             "pair_pcts": [round(x, 2) for x in acc["pct"]],
+            # Median CPU per step of the training thread itself, and the paired difference as
+            # a share of the step: what of the overhead is the thread running longer (the bridge's
+            # own work, a slower interpreter) rather than waiting for the GIL or a core.
+            "cpu_none_us": median(acc["cpu_none"]), "cpu_expbus_us": median(acc["cpu_expbus"]),
+            "cpu_overhead_pct": median(acc["cpu_pct"]),
+            "pair_cpu_pcts": [round(x, 2) for x in acc["cpu_pct"]],
+            # The median step's own wait (wall minus CPU of that step), median over runs.
+            "step_wait_none_us": median(acc["step_wait_none"]),
+            "step_wait_expbus_us": median(acc["step_wait_expbus"]),
         })
     return {
         "benchmark": "step_pairs",

@@ -30,6 +30,24 @@ def _pct(value: float) -> str:
     return f"{value:+.1f}%"
 
 
+def _cpu_part(row: dict[str, Any]) -> str:
+    """The training thread's own extra CPU per step, from a ``step_pairs`` row that measured it."""
+    if "cpu_overhead_pct" not in row:
+        return ""
+    return f"; its own CPU {_pct(row['cpu_overhead_pct'])} of the step"
+
+
+def _toggle_part(results: dict[str, Any]) -> str:
+    """Target (a) within one run (``benchmarks/step_toggle.py``), when it ran: shown beside the pairs."""
+    toggle = results.get("step_toggle")
+    rows = toggle["rows"] if toggle else []
+    if not rows:
+        return ""
+    return f"; within one run, publishing on / off in alternate windows ({rows[0]['runs']} runs): " + "; ".join(
+        f"K={r['k']}: {_pct(r['overhead_pct'])} (95% interval {_pct(r['ci_low_pct'])} .. {_pct(r['ci_high_pct'])})"
+        for r in rows)
+
+
 def _step_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     res = results.get("step_overhead")
     return res["rows"] if res else []
@@ -72,12 +90,13 @@ def targets(results: dict[str, Any]) -> list[dict[str, str]]:
             f"K={r['k']}: {_pct(r['overhead_pct'])} ({_us(r['overhead_us'])}; 95% interval "
             f"{_pct(r['ci_low_pct'])} .. {_pct(r['ci_high_pct'])}; training thread waiting "
             f"{r['wait_expbus_us']:,.0f} µs/step = {100 * r['wait_expbus_us'] / r['none_median_us']:.1f}% of the "
-            f"step, {r['wait_none_us']:,.0f} µs without logging)" for r in pair_rows)
+            f"step, {r['wait_none_us']:,.0f} µs without logging{_cpu_part(r)})" for r in pair_rows)
+        measured += _toggle_part(results)
         if main_parts:
             measured += "; main table (2 pooled runs): " + "; ".join(text for _, _, text in main_parts)
         verdict = MET if ok else MISSED
     else:
-        measured = "; ".join(text for _, _, text in main_parts) or "-"
+        measured = ("; ".join(text for _, _, text in main_parts) or "-") + _toggle_part(results)
         verdict = (MET if all(pct <= 2.0 for _, pct, _ in main_parts) else MISSED) if main_parts else NOT_MEASURED
     out.append({
         "target": "Workload (a), all backends on: expbus's median step overhead ≤ 2% of the step",

@@ -42,7 +42,7 @@ TARGETS = [
     "Stalled sink",
 ]
 BENCHMARKS = [
-    "step_overhead", "step_pairs", "publish_overhead", "drain_throughput", "memory_growth", "import_time",
+    "step_overhead", "step_pairs", "step_toggle", "publish_overhead", "drain_throughput", "memory_growth", "import_time",
 ]
 
 
@@ -112,7 +112,18 @@ def test_quick_benchmark_run_writes_a_complete_report(tmp_path: Path) -> None:
         rows = [_cells(line) for line in lines if line.startswith(f"| a | {k} | 2 |")]
         assert len(rows) == 1, f"no single paired row for a K={k}"
         assert rows[0][5].endswith("µs)") and ".." in rows[0][6], rows[0]
+        # The training thread's own CPU per step, both arms and the paired difference.
+        none_cpu, rest = rows[0][8].split(" / ")
+        assert float(none_cpu.replace(",", "")) > 0 and rest.endswith("%"), rows[0]
     assert "paired runs (2 pairs)" in summary
+
+    # The within-run table (publishing on and off in alternate windows): one row per K.
+    for k in STEP_KS:
+        rows = [_cells(line) for line in lines if line.startswith(f"| a | {k} | 1 |")]
+        assert len(rows) == 1, f"no single within-run row for a K={k}"
+        assert rows[0][6].endswith("%") and ".." in rows[0][7], rows[0]
+        assert float(rows[0][3].replace(",", "")) > 0, rows[0]  # steps with the tap off were measured
+    assert "within one run, publishing on / off in alternate windows (1 runs)" in summary
 
     # Memory and import tables.
     for mode in ("paced", "burst"):
@@ -237,3 +248,40 @@ def test_a_timed_cell_stops_training_after_its_seconds() -> None:
     untimed.starts.extend([0, 10**12])
     untimed.on_train_batch_end(trainer := SimpleNamespace(should_stop=False), None, None, None, 0)  # type: ignore[arg-type]
     assert trainer.should_stop is False
+
+
+def test_tap_toggle_alternates_windows_and_splits_the_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from benchmarks import _workloads
+
+    class Tap:
+        def __init__(self) -> None:
+            self.installed = True
+            self.changes: list[bool] = []
+
+        def install(self) -> None:
+            self.installed = True
+            self.changes.append(True)
+
+        def uninstall(self) -> None:
+            self.installed = False
+            self.changes.append(False)
+
+    tap = Tap()
+    toggle = _workloads.TapToggle(SimpleNamespace(_tap=tap), window_s=1.0)
+    # Steps start at these seconds: a window flips at the first step at least 1 s after the last flip.
+    for second in (0.0, 0.4, 0.8, 1.0, 1.5, 2.1, 2.5, 3.2):
+        monkeypatch.setattr(_workloads, "_perf", lambda s=second: int(s * 1e9))
+        toggle.on_train_batch_start(None, None, None, 0)  # type: ignore[arg-type]
+    assert toggle.on == [True, True, True, False, False, True, True, False]
+    assert toggle.toggled == [False, False, False, True, False, True, False, True]
+    assert tap.changes == [False, True, False] and tap.installed is False
+    assert toggle.published_steps() == 5
+
+    # Steps 1.. (warm-up 1): the steps that flipped the tap are left out of both sides.
+    walls = [10.0, 11.0, 99.0, 20.0, 99.0, 12.0, 99.0]
+    cpus = [9.0, 10.0, 0.0, 19.0, 0.0, 11.0, 0.0]
+    split = toggle.split(walls, cpus, warmup=1)
+    assert split == {"on_median_us": 11.0, "off_median_us": 20.0, "on_cpu_median_us": 10.0,
+                     "off_cpu_median_us": 19.0, "on_steps": 3.0, "off_steps": 1.0}
