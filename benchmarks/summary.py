@@ -116,11 +116,11 @@ def targets(results: dict[str, Any]) -> list[dict[str, str]]:
         mfrac = e.get("mean_fraction_of_peer")
         mean = f"; mean {100 * mfrac:.1f}%" if mfrac is not None else ""
         forced = ""
-        for workers in ("thread", "process"):
+        for workers, plural in (("thread", "threads"), ("process", "processes")):
             fr = _row(rows, f"E:all:{workers}", "b", k)
             ffrac = fr.get("fraction_of_peer") if fr is not None else None
             if ffrac is not None:
-                forced += f"; all {workers}s {100 * ffrac:.1f}%"
+                forced += f"; all on {plural} {100 * ffrac:.1f}%"
         parts.append(f"K={k}: {shown} ({_us(e['overhead_us'])} vs {_us(e['peer_overhead_us'])}{mean}{forced})")
     out.append({
         "target": "Workload (b), all backends on: expbus's overhead ≤ 10% of Lightning's own",
