@@ -527,6 +527,45 @@ def _thread_family(name: str) -> str:
     return f"{head} {rest}".strip()
 
 
+def calibrate_in_child(tmp: Path) -> dict[str, Any]:
+    """The matmul size for workload (a), calibrated in a forked child like the measured runs: ``{"n", "ms"}``."""
+    calib = tmp / "calibration.json"
+    code = _fork_run(_calibrate, (calib,), 120.0)
+    if code != 0 or not calib.exists():
+        raise RuntimeError(f"matmul calibration failed (exit {code})")
+    cal: dict[str, Any] = json.loads(calib.read_text(encoding="utf-8"))
+    return cal
+
+
+def run_in_child(config: str, cells: list[tuple[str, int, int, int]], matmul_n: int, tmp: Path, label: str,
+                 checks: Checks, timeout: float, seconds: float = 0.0, toggle_s: float = 0.0) -> dict[str, Any] | None:
+    """Run one configuration's cells in a fresh forked child (see :func:`_child`); its result, or None.
+
+    The child's data-arrival checks join ``checks``, their names prefixed with ``label`` (a
+    repeat, a pair, a run); a child that wrote no result, or exited non-zero with every check
+    passed, fails a check of its own. The child's directory is removed once it is read.
+    """
+    root = Path(tempfile.mkdtemp(prefix=f"{label.replace(' ', '')}-{config.replace(':', '-')}-", dir=tmp))
+    out = root / "result.json"
+    t0 = time.perf_counter()
+    code = _fork_run(_child, (config, cells, matmul_n, out, root, seconds, toggle_s), timeout)
+    took = time.perf_counter() - t0
+    print(f"  [{label} {config}: exit {code} after {took:.1f} s]", file=sys.stderr, flush=True)
+    if not out.exists():
+        checks.check(f"{label} {config}: ran", False, f"child exit status {code}, no result")
+        shutil.rmtree(root, ignore_errors=True)
+        return None
+    res: dict[str, Any] = json.loads(out.read_text(encoding="utf-8"))
+    res["seconds"] = took
+    for item in res["checks"]:
+        item["name"] = f"{label} {item['name']}"
+    checks.items.extend(res["checks"])
+    if code != 0 and all(item["ok"] for item in res["checks"]):
+        checks.check(f"{label} {config}: exit", False, f"child exit status {code}")
+    shutil.rmtree(root, ignore_errors=True)
+    return res
+
+
 def run(configs: list[str], steps: dict[tuple[str, int], tuple[int, int]], repeats: int, timeout: float,
         tmp: Path, single_repeats: int | None = None, seconds: float = 0.0) -> dict[str, Any]:
     """Calibrate the matmul, run the configurations (forked) in alternating order, aggregate.
@@ -537,11 +576,7 @@ def run(configs: list[str], steps: dict[tuple[str, int], tuple[int, int]], repea
     """
     single_repeats = repeats if single_repeats is None else single_repeats
     checks = Checks()
-    calib = tmp / "calibration.json"
-    code = _fork_run(_calibrate, (calib,), 120.0)
-    if code != 0 or not calib.exists():
-        raise RuntimeError(f"matmul calibration failed (exit {code})")
-    cal = json.loads(calib.read_text(encoding="utf-8"))
+    cal = calibrate_in_child(tmp)
     print(f"step_overhead: matmul {cal['n']}x{cal['n']} takes {cal['ms']:.2f} ms on one thread", file=sys.stderr)
     cells = [(w, k, wu, n) for (w, k), (wu, n) in steps.items()]
     runs: list[dict[str, Any]] = []
@@ -560,25 +595,10 @@ def run(configs: list[str], steps: dict[tuple[str, int], tuple[int, int]], repea
         schedule.append((schedule[-1][0], "none"))  # and once more at the very end
     t_start = time.perf_counter()
     for r, config in schedule:
-        root = Path(tempfile.mkdtemp(prefix=f"{config.replace(':', '-')}-{r}-", dir=tmp))
-        out = root / "result.json"
-        t0 = time.perf_counter()
-        code = _fork_run(_child, (config, cells, cal["n"], out, root, seconds), timeout)
-        took = time.perf_counter() - t0
-        print(f"  [{config} repeat {r + 1}: exit {code} after {took:.1f} s]", file=sys.stderr, flush=True)
-        if not out.exists():
-            checks.check(f"{config} #{r + 1}: ran", False, f"child exit status {code}, no result")
-            continue
-        res = json.loads(out.read_text(encoding="utf-8"))
-        res["repeat"] = r
-        res["seconds"] = took
-        for item in res["checks"]:
-            item["name"] = f"#{r + 1} {item['name']}"
-        checks.items.extend(res["checks"])
-        if code != 0 and all(item["ok"] for item in res["checks"]):
-            checks.check(f"{config} #{r + 1}: exit", False, f"child exit status {code}")
-        runs.append(res)
-        shutil.rmtree(root, ignore_errors=True)
+        res = run_in_child(config, cells, cal["n"], tmp, f"#{r + 1}", checks, timeout, seconds)
+        if res is not None:
+            res["repeat"] = r
+            runs.append(res)
     rows = aggregate(runs, configs)
     return {
         "benchmark": "step_overhead",

@@ -24,7 +24,6 @@ Run alone: ``python -m benchmarks.step_pairs [--pairs N] [--quick] [--json-out F
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import tempfile
@@ -69,11 +68,7 @@ def run(pairs: int, steps: dict[tuple[str, int], tuple[int, int]], cells: list[t
     ``seconds`` above 0: every cell trains that long after its warm-up (see ``step_overhead``).
     """
     checks = Checks()
-    calib = tmp / "calibration.json"
-    code = so._fork_run(so._calibrate, (calib,), 120.0)
-    if code != 0 or not calib.exists():
-        raise RuntimeError(f"matmul calibration failed (exit {code})")
-    cal = json.loads(calib.read_text(encoding="utf-8"))
+    cal = so.calibrate_in_child(tmp)
     run_cells = [(w, k, *steps[(w, k)]) for w, k in cells]
     per_cell: dict[tuple[str, int], dict[str, list[float]]] = {
         (w, k): {"pct": [], "us": [], "none": [], "expbus": [], "wait_none": [], "wait_expbus": [],
@@ -88,17 +83,9 @@ def run(pairs: int, steps: dict[tuple[str, int], tuple[int, int]], cells: list[t
         cpus: dict[str, dict[tuple[str, int], float]] = {}
         step_waits: dict[str, dict[tuple[str, int], float]] = {}
         for config in order:
-            root = Path(tempfile.mkdtemp(prefix=f"pair{p}-{config.replace(':', '-')}-", dir=tmp))
-            out = root / "result.json"
-            code = so._fork_run(so._child, (config, run_cells, cal["n"], out, root, seconds), timeout)
-            print(f"  [pair {p + 1}/{pairs} {config}: exit {code}]", file=sys.stderr, flush=True)
-            if not out.exists():
-                checks.check(f"pair {p + 1} {config}: ran", False, f"child exit status {code}, no result")
+            res = so.run_in_child(config, run_cells, cal["n"], tmp, f"pair {p + 1}", checks, timeout, seconds)
+            if res is None:
                 continue
-            res = json.loads(out.read_text(encoding="utf-8"))
-            for item in res["checks"]:
-                item["name"] = f"pair {p + 1} {item['name']}"
-            checks.items.extend(res["checks"])
             for cell in res["cells"]:
                 key = (cell["workload"], cell["k"])
                 medians.setdefault(config, {})[key] = median(cell["intervals_us"])

@@ -25,7 +25,6 @@ Run alone: ``python -m benchmarks.step_toggle [--runs N] [--quick] [--json-out F
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -52,28 +51,17 @@ def run(runs: int, steps: dict[tuple[str, int], tuple[int, int]], cells: list[tu
         tmp: Path, seconds: float = 0.0, window_s: float = WINDOW_S) -> dict[str, Any]:
     """Calibrate the matmul, then ``runs`` fresh ``E:all`` processes publishing in alternate windows."""
     checks = Checks()
-    calib = tmp / "calibration.json"
-    code = so._fork_run(so._calibrate, (calib,), 120.0)
-    if code != 0 or not calib.exists():
-        raise RuntimeError(f"matmul calibration failed (exit {code})")
-    cal = json.loads(calib.read_text(encoding="utf-8"))
+    cal = so.calibrate_in_child(tmp)
     run_cells = [(w, k, *steps[(w, k)]) for w, k in cells]
     per_cell: dict[tuple[str, int], dict[str, list[float]]] = {
         key: {"pct": [], "cpu_pct": [], "on": [], "off": [], "on_steps": [], "off_steps": []} for key in cells
     }
     t_start = time.perf_counter()
     for index in range(runs):
-        root = Path(tempfile.mkdtemp(prefix=f"toggle{index}-", dir=tmp))
-        out = root / "result.json"
-        code = so._fork_run(so._child, (CONFIG, run_cells, cal["n"], out, root, seconds, window_s), timeout)
-        print(f"  [run {index + 1}/{runs}: exit {code}]", file=sys.stderr, flush=True)
-        if not out.exists():
-            checks.check(f"run {index + 1}: ran", False, f"child exit status {code}, no result")
+        res = so.run_in_child(CONFIG, run_cells, cal["n"], tmp, f"run {index + 1}", checks, timeout, seconds,
+                              toggle_s=window_s)
+        if res is None:
             continue
-        res = json.loads(out.read_text(encoding="utf-8"))
-        for item in res["checks"]:
-            item["name"] = f"run {index + 1} {item['name']}"
-        checks.items.extend(res["checks"])
         for cell in res["cells"]:
             split = cell["toggle"]
             key = (cell["workload"], cell["k"])
